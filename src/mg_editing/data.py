@@ -80,14 +80,21 @@ CATEGORIES: tuple[str, ...] = tuple(MODIFIERS)
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 
-#: Per-category (train, dev, test) counts of the paper's Table II.
-TABLE_II: dict[str, tuple[int, int, int]] = {
+#: Per-category (train, dev, test) counts exactly as printed in the paper's Table II. The
+#: printed rows add up to 556 / 276 / 3328, not to the 555 / 277 / 3328 that the same table's
+#: total row and the text state; see ``TABLE_II`` and docs/decisions.md.
+TABLE_II_PRINTED: dict[str, tuple[int, int, int]] = {
     "Random-Pos": (125, 62, 773),
     "Comparative-Pos": (85, 42, 513),
     "Random-Neg": (131, 65, 764),
     "RoBERTa-Neg": (132, 66, 762),
     "Comparative-Neg": (83, 41, 516),
 }
+
+#: The split used: Table II with one RoBERTa-Neg prompt moved from train to dev, so that the
+#: totals are the paper's 555 / 277 / 3328 (stated in its abstract, Sec. I, Sec. V and the
+#: total row) and every other category matches the printed row exactly.
+TABLE_II: dict[str, tuple[int, int, int]] = dict(TABLE_II_PRINTED, **{"RoBERTa-Neg": (131, 67, 762)})
 
 #: Seed of the stratified split; recorded in the dataset card.
 SPLIT_SEED = 20240607

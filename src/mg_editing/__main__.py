@@ -1,0 +1,5 @@
+import sys
+
+from mg_editing.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""``mg-edit``: the command line.
+
+Each subcommand lives in its own module of this package and exposes
+``register(subparsers) -> None``, which adds its parser and sets ``func`` (a callable taking
+the parsed ``argparse.Namespace`` and returning an exit code). Modules are discovered, so
+adding a command means adding one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from mg_editing import __version__
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one line, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mg-edit",
+        description="Measure (CodeGenBias, FB-Score) and remove (MG-Editing) gender bias in code LLMs.",
+    )
+    parser.add_argument("--version", action="version", version=f"mg-editing {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, KeyError) as err:
+        # ValueError / FileNotFoundError / KeyError are what the library raises for bad
+        # input (unknown split, missing file, unknown module); show them as one line.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"mg-edit {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
