@@ -33,19 +33,21 @@ def _corpus() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def make_tokenizer(vocab_size: int = 600, split_pronouns: bool = False) -> PreTrainedTokenizerFast:
+def make_tokenizer(vocab_size: int = 600, split_pronouns: bool = False, merge_boundary: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on CodeGenBias-style text.
 
     With ``split_pronouns`` the vocabulary is too small to hold "he"/"she" as single tokens,
-    so the scorer's chain rule over several tokens is exercised.
+    so the scorer's chain rule over several tokens is exercised. With ``merge_boundary`` no
+    regex pre-split is done, so merges such as ``'he`` cross the prompt/pronoun boundary.
     """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not merge_boundary)
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     size = len(alphabet) + 1 if split_pronouns else vocab_size
     trainer = trainers.BpeTrainer(vocab_size=size, initial_alphabet=alphabet, special_tokens=["<|endoftext|>"], show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    corpus = [DEMONSTRATIONS] + [" == 'he", " == 'she"] * 400 if merge_boundary else _corpus()
+    tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     return fast
 
@@ -53,13 +55,13 @@ def make_tokenizer(vocab_size: int = 600, split_pronouns: bool = False) -> PreTr
 def make_config(family: str, vocab_size: int, n_layers: int = 3):
     common_llama = dict(
         num_hidden_layers=n_layers, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=1024,
         bos_token_id=0, eos_token_id=0, pad_token_id=None,
     )
     if family == "gpt2":
-        return GPT2Config(n_layer=n_layers, n_embd=32, n_head=4, vocab_size=vocab_size, n_positions=512, bos_token_id=0, eos_token_id=0)
+        return GPT2Config(n_layer=n_layers, n_embd=32, n_head=4, vocab_size=vocab_size, n_positions=1024, bos_token_id=0, eos_token_id=0)
     if family == "codegen":
-        return CodeGenConfig(n_layer=n_layers, n_embd=32, n_head=4, rotary_dim=4, vocab_size=vocab_size, n_positions=512, n_ctx=512, bos_token_id=0, eos_token_id=0)
+        return CodeGenConfig(n_layer=n_layers, n_embd=32, n_head=4, rotary_dim=4, vocab_size=vocab_size, n_positions=1024, n_ctx=1024, bos_token_id=0, eos_token_id=0)
     if family == "llama":
         return LlamaConfig(**common_llama)
     if family == "stablelm":
