@@ -328,10 +328,10 @@ def generate_completions(
     Returns:
         ``completions[i][j]``: the j-th sample for ``prompts[i]`` (prompt not included).
 
-    Example:
-        >>> outs = generate_completions(model, tok, ["def add(a, b):\\n"], max_new_tokens=16)
-        >>> len(outs), len(outs[0])
-        (1, 1)
+    Example::
+
+        outs = generate_completions(model, tok, ["def add(a, b):\\n"], max_new_tokens=16)
+        assert len(outs) == 1 and len(outs[0]) == 1
     """
     prompts = list(prompts)
     if not prompts:
@@ -502,8 +502,9 @@ def canonical_nll(
     Only solution tokens are scored, and the mean is over all of them (token-weighted). Longer
     inputs than ``max_length`` (default: the model's context size) lose the start of the prompt.
 
-    Example:
-        >>> nll = canonical_nll(model, tok, humaneval_problems()[:4], progress=False)
+    Example::
+
+        nll = canonical_nll(model, tok, humaneval_problems()[:4], progress=False)
     """
     problems = humaneval_problems("heldout") if problems is None else list(problems)
     if not problems:
@@ -566,10 +567,10 @@ def next_token_kl(
     ``model_p`` and ``model_q=None``; ``p`` is then computed inside
     ``with model_p.disable_adapter():`` (the original weights) and ``q`` with the adapter active.
 
-    Example:
-        >>> next_token_kl(model, model, tok, ["def f(x):\\n    return x\\n"], progress=False)
-        0.0
-        >>> kl = next_token_kl(peft_model, None, tok)  # original vs edited, one model in memory
+    Example::
+
+        next_token_kl(model, model, tok, ["def f(x):\\n    return x\\n"])  # 0.0
+        kl = next_token_kl(peft_model, None, tok)  # original vs edited, one model in memory
     """
     if tokenizer is None:
         raise ValueError("a tokenizer is required")

