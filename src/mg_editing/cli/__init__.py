@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, OSError, KeyError, TypeError) as err:
+    except (UserError, ValueError, OSError, KeyError) as err:
         # What the library and transformers raise for bad input (unknown split, missing file
         # or model id, unknown module, not a causal LM): one line, no traceback.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"fb_score_{args.split.replace('+', '_')}.json")
     payload = {"model": args.model, "split": args.split, **{k: v for k, v in result.to_dict().items() if k != "per_prompt"}}
     payload["per_prompt_fb"] = result.metrics["per_prompt"]
-    payload["ids"] = dataset["id"]
+    payload["ids"] = list(dataset["id"])
     out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
