@@ -1,0 +1,73 @@
+"""``mg-edit edit``: one MG-Edit at one granularity, saved as a PEFT adapter (optionally pushed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mg_editing.locations import GRANULARITIES
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("edit", help="locate (or load locations) and edit at one granularity; save the adapter")
+    parser.add_argument("--model", required=True, help="Hub id, local path, or 'demo'")
+    parser.add_argument("--granularity", required=True, choices=GRANULARITIES)
+    parser.add_argument("--locations", default=None, help="folder written by `mg-edit locate` (default: locate now on train+dev)")
+    parser.add_argument("--objective", choices=("fb", "paper"), default="fb")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--recovery-weight", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="adapter folder")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the adapter to this Hub repo")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--device", default=None)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from peft import get_peft_model
+
+    from mg_editing.data import load_codegenbias
+    from mg_editing.edit import EditConfig, edit
+    from mg_editing.hub import adapter_model_card, push_adapter, save_adapter
+    from mg_editing.locate import locate
+    from mg_editing.locations import Locations
+    from mg_editing.models import load_model_and_tokenizer
+    from mg_editing.scoring import score_dataset
+    from mg_editing.tuner import MGEditConfig
+
+    overrides = {k: v for k, v in dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, recovery_weight=args.recovery_weight).items() if v is not None}
+    config = EditConfig(objective=args.objective, seed=args.seed, **overrides)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    if args.locations:
+        locations = Locations.load(args.locations).coarsen(args.granularity)
+    elif args.granularity == "full":
+        locations = Locations("full")
+    else:
+        locations = locate(model, tokenizer, load_codegenbias("train+dev"), args.granularity)
+    print(f"locations: {locations!r}")
+    train, test = load_codegenbias("train"), load_codegenbias("test")
+    before = {"reliability_fb": score_dataset(model, tokenizer, train, progress=True).fb_score,
+              "generality_fb": score_dataset(model, tokenizer, test, progress=True).fb_score}
+    peft_model = get_peft_model(model, MGEditConfig(granularity=args.granularity, locations=locations))
+    out = Path(args.out)
+    result = edit(peft_model, tokenizer, train, dev_dataset=load_codegenbias("dev"), config=config, history_path=out / "edit_history.json")
+    after = {"reliability_fb": score_dataset(peft_model, tokenizer, train, progress=True).fb_score,
+             "generality_fb": score_dataset(peft_model, tokenizer, test, progress=True).fb_score}
+    summary = {"modules": locations.modules or "every linear weight of the decoder blocks", "layer": locations.layer}
+    if locations.rows:
+        summary["rows"] = locations.num_rows
+    if locations.neurons:
+        summary["neurons"] = locations.num_neurons
+    card = adapter_model_card(base_model=str(args.model if args.model != "demo" else model.name_or_path), granularity=args.granularity,
+                              locations_summary=summary, metrics={"before": before, "after": after},
+                              objective=args.objective, repo_id=args.push_to_hub)
+    save_adapter(peft_model, out, card=card, extra={"before": before, "after": after, "best_step": result.best_step})
+    print(json.dumps({"before": before, "after": after}, indent=1))
+    print(f"adapter saved to {out}")
+    if args.push_to_hub:
+        print(push_adapter(out, args.push_to_hub))
+    return 0
