@@ -245,7 +245,7 @@ def edit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            record = {"step": step, "loss": float(loss), "bias_loss": float(bias_loss), "recovery_nll": float(recovery_loss)}
+            record = {"step": step, "loss": loss.item(), "bias_loss": bias_loss.item(), "recovery_nll": recovery_loss.item()}
             if dev_rows is not None and (step % config.eval_every == 0 or step == config.steps):
                 record["dev_fb"] = _dev_fb(peft_model, tokenizer, dev_rows)
                 if record["dev_fb"] < result.best_dev_fb - 1e-6:
@@ -256,7 +256,7 @@ def edit(
             result.history.append(record)
             if history_path is not None and "dev_fb" in record:
                 result.save(history_path)
-            bar.set_postfix(loss=f"{float(loss):.4f}", dev_fb=f"{result.best_dev_fb:.4f}" if result.best_dev_fb is not None else "-")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", dev_fb=f"{result.best_dev_fb:.4f}" if result.best_dev_fb is not None else "-")
             if config.patience is not None and evaluations_without_gain >= config.patience:
                 result.stopped_early = True
                 break

@@ -135,8 +135,10 @@ def check_vocabulary(model: nn.Module, tokenizer, pronouns: Sequence[str] = PRON
 
 # -- the core: batched log-probabilities of continuations -------------------------------------
 def _cache_kwarg(model: nn.Module) -> str:
-    # transformers 5.x renamed `past_key_values` to `cache`.
-    params = inspect.signature(model.forward).parameters
+    # transformers 5.x renamed `past_key_values` to `cache`. A PeftModel passes keyword
+    # arguments through to the model it wraps, whose signature is the one that counts.
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    params = inspect.signature(inner.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
