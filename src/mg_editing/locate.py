@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -393,7 +393,7 @@ def _capture_module(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
             raise RuntimeError("the located module ran twice in one forward pass; cannot attribute its gradient")
         store["x"] = args[0].detach()
         store["out"] = output.detach().requires_grad_(True)
-        return store["out"]
+        return store["out"].clone()  # a non-leaf, so an in-place op after the module is allowed
 
     handle = module.register_forward_hook(hook)
     try:
@@ -453,8 +453,8 @@ def _threshold(aggregate: str, min_frequency: float | int, n_prompts: int) -> in
         if not 0.0 < min_frequency <= 1.0:
             raise ValueError(f"min_frequency as a fraction must lie in (0, 1], got {min_frequency}")
         return max(1, math.ceil(min_frequency * n_prompts - 1e-9))
-    if min_frequency < 1:
-        raise ValueError(f"min_frequency as a prompt count must be at least 1, got {min_frequency}")
+    if not 1 <= min_frequency <= n_prompts:
+        raise ValueError(f"min_frequency as a prompt count must lie in [1, {n_prompts}] (the prompts), got {min_frequency}")
     return int(min_frequency)
 
 
@@ -485,6 +485,24 @@ def _rank_values(cos: torch.Tensor, ranking: str) -> torch.Tensor:
     if ranking == "absolute":
         return cos.abs()
     raise ValueError(f"unknown row_ranking {ranking!r}; choose from {', '.join(ROW_RANKINGS)}")
+
+
+#: Cosines equal to this many decimals tie (at the last block they are all +-1 up to rounding).
+COSINE_DECIMALS = 4
+
+
+def _top_rows(cos: torch.Tensor, magnitude: torch.Tensor, ranking: str, top_k: int) -> torch.Tensor:
+    """Per-prompt top-k rows by (rounded) cosine, ties broken by gradient magnitude.
+
+    ``cos`` and ``magnitude`` are ``(N, out)``; ``magnitude`` is ``|Grad_he[i]| * |Grad_she[i]|``.
+    In the last block only the last position's output gradient is non-zero, so each row's
+    gradient is rank one and every cosine is exactly +-1 (docs/decisions.md): without the
+    tie-break the ranking would follow float noise.
+    """
+    key = torch.round(_rank_values(cos, ranking) * 10**COSINE_DECIMALS)
+    by_magnitude = magnitude.argsort(dim=1, descending=True, stable=True)
+    by_key = key.gather(1, by_magnitude).argsort(dim=1, descending=True, stable=True)
+    return by_magnitude.gather(1, by_key)[:, :top_k]
 
 
 def _empty_selection(what: str, aggregate: str) -> ValueError:
@@ -537,7 +555,7 @@ def locate_rows(
     _threshold(aggregate, min_frequency, len(targets))
     if len(targets[0]) != 2:
         raise ValueError(f"row locating compares two pronouns, got {len(targets[0])}")
-    cosines = []
+    cosines, magnitudes = [], []
     with _frozen(model):
         for _, batch in _batches(targets, batch_size, _model_device(model), "locate: rows", progress):
             gout, x = _batch_gradients(arch, module, batch)
@@ -546,8 +564,9 @@ def locate_rows(
                 g_he = gout[0, r_he].T @ x[r_he]
                 g_she = gout[1, r_she].T @ x[r_she]
                 cosines.append(torch.nn.functional.cosine_similarity(g_he, g_she, dim=1).cpu())
+                magnitudes.append((g_he.norm(dim=1) * g_she.norm(dim=1)).cpu())
     cos = torch.stack(cosines)  # (N, out)
-    topk = _rank_values(cos, row_ranking).topk(top_k, dim=1).indices
+    topk = _top_rows(cos, torch.stack(magnitudes), row_ranking, top_k)
     rows, counts = aggregate_topk(topk, n_out, aggregate, min_frequency)
     if rows.numel() == 0:
         raise _empty_selection("row", aggregate)
@@ -579,7 +598,7 @@ class NeuronResult:
             "neuron_importance": self.mean_importance,
             "neuron_topk_counts": self.counts,
             "neuron_rows": self.rows,
-            "neuron_importance_top_row": self.mean_importance[i],
+            "neuron_importance_top_row": self.mean_importance[i].clone(),
         }
 
 
