@@ -24,7 +24,7 @@ from mg_editing.locations import Locations
 from mg_editing.tuner import MGEditConfig
 
 CODEGEN_350M = dict(n_layer=20, n_embd=1024, n_head=16, rotary_dim=32, vocab_size=51200, n_positions=2048, n_ctx=2048)
-SMALL = dict(n_layer=4, n_embd=256, n_head=4, rotary_dim=16, vocab_size=8192, n_positions=1024, n_ctx=1024)
+SMALL = dict(n_layer=4, n_embd=256, n_head=4, rotary_dim=16, vocab_size=8192, n_positions=1024, n_ctx=1024, bos_token_id=0, eos_token_id=0)
 
 
 def build(small: bool, device: str, dtype: torch.dtype) -> AutoModelForCausalLM:
@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rows", type=int, default=120)
     parser.add_argument("--neurons", type=int, default=10_000)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     dtype = getattr(torch, args.dtype)
     model = build(args.small, args.device, dtype)
@@ -96,12 +99,34 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for adapter in ("row", "neuron"):
             model.set_adapter(adapter)
             forward()
-    for _ in range(args.repeats):  # interleaved rounds: drift hits all three alike
-        with model.disable_adapter():
-            times["base"].append(timed(forward, args.device))
-        for adapter in ("row", "neuron"):
-            model.set_adapter(adapter)
-            times[adapter].append(timed(forward, args.device))
+    order = ["base", "row", "neuron"]
+    for r in range(args.repeats):  # interleaved rounds in rotating order: drift and load hit all three alike
+        for kind in order[r % 3 :] + order[: r % 3]:
+            if kind == "base":
+                with model.disable_adapter():
+                    times["base"].append(timed(forward, args.device))
+            else:
+                model.set_adapter(kind)
+                times[kind].append(timed(forward, args.device))
+
+    # the located layer alone: the adapter's own cost without the rest of the model's noise
+    layer = model.get_base_model().get_submodule(locs.modules[0])
+    h = torch.randn(args.batch, args.seq, layer.in_features, device=args.device, dtype=dtype)
+    layer_times: dict[str, list[float]] = {"base": [], "row": [], "neuron": []}
+
+    def layer_forward():
+        with torch.inference_mode():
+            for _ in range(10):
+                layer(h)
+
+    for r in range(args.repeats):
+        for kind in order[r % 3 :] + order[: r % 3]:
+            if kind == "base":
+                with model.disable_adapter():
+                    layer_times["base"].append(timed(layer_forward, args.device) / 10)
+            else:
+                model.set_adapter(kind)
+                layer_times[kind].append(timed(layer_forward, args.device) / 10)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     med["pure_base"] = statistics.median(pure_base)
@@ -116,6 +141,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ratio = med[kind] / med["base"]
         flag = "ok" if ratio <= 1.2 else "OVER 1.2x"
         print(f"  {kind:<6} adapter ({count:>13}) {1e3 * med[kind]:9.2f} ms   ratio {ratio:.3f}x  [{flag}]")
+    lmed = {k: statistics.median(v) for k, v in layer_times.items()}
+    print(f"  located layer alone ({locs.modules[0]}, {layer.out_features} x {layer.in_features}):")
+    print(f"    base {1e3 * lmed['base']:.3f} ms, row {1e3 * lmed['row']:.3f} ms ({lmed['row'] / lmed['base']:.3f}x), "
+          f"neuron {1e3 * lmed['neuron']:.3f} ms ({lmed['neuron'] / lmed['base']:.3f}x)")
+    med.update({f"layer_{k}": v for k, v in lmed.items()})
     return med
 
 

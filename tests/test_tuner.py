@@ -34,6 +34,15 @@ ROLES = {
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matrices: thread hand-offs cost more than they save, above all on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_locations(model, family: str, granularity: str, k: int = 4, n: int = 10, seed: int = 0) -> Locations:
     """Random rows, and neurons inside those rows, in two modules of layer ``LAYER``."""
     arch = get_architecture(model)
@@ -167,8 +176,10 @@ def test_adapter_forward_merge_unmerge(family, granularity):
     torch.testing.assert_close(logits(merged, x), logits(ref, x), **TOL)
 
 
-@pytest.mark.parametrize("granularity", ["row", "neuron", "module"])
-@pytest.mark.parametrize("family", FAMILIES)
+TRAIN_CASES = [(f, g) for f in FAMILIES for g in ("row", "neuron")] + [("gpt2", "module"), ("codegen", "layer")]
+
+
+@pytest.mark.parametrize("family,granularity", TRAIN_CASES)
 def test_training_changes_only_located_parameters(family, granularity):
     base = make_model(family)
     ref_base = copy.deepcopy(base)
@@ -189,6 +200,8 @@ def test_training_changes_only_located_parameters(family, granularity):
             assert torch.equal(p, ref_base.get_parameter(name.replace(".base_layer", ""))), name
 
     merged = pm.merge_and_unload().state_dict()
+    if granularity == "layer":
+        locs = Locations("module", modules=sorted(get_architecture(ref_base).weight_modules(LAYER)), layer=LAYER)
     located = {f"{n}.weight": n for n in locs.modules}
     for key, ref in ref_base.state_dict().items():
         got = merged[key]
@@ -210,8 +223,10 @@ def test_training_changes_only_located_parameters(family, granularity):
 
 
 # -- save / load ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("granularity", ["row", "neuron", "module"])
-@pytest.mark.parametrize("family", FAMILIES)
+SAVE_CASES = [(f, "row") for f in FAMILIES] + [("gpt2", "neuron"), ("llama", "neuron"), ("codegen", "module")]
+
+
+@pytest.mark.parametrize("family,granularity", SAVE_CASES)
 def test_save_and_load_roundtrip(family, granularity, tmp_path):
     base = make_model(family)
     locs = make_locations(base, family, granularity)
@@ -484,6 +499,13 @@ def test_corrupt_indices_in_file(granularity, tmp_path):
     with pytest.raises(ValueError, match="delta of shape"):
         PeftModel.from_pretrained(fresh, tmp_path)
     assert no_adapter_left(fresh)
+
+    # the same check on layers injected straight into a model (PEFT's low-level API)
+    cfg = peft.PeftConfig.from_pretrained(tmp_path)
+    raw = peft.inject_adapter_in_model(cfg, make_model("gpt2"))
+    with pytest.raises(ValueError, match="out of range"):
+        peft.set_peft_model_state_dict(raw, {k: torch.full_like(v, 10_000) if k == key else v for k, v in good.items()})
+    assert no_adapter_left(raw)
 
     # a failed load_adapter on an existing PeftModel leaves its other adapter alone
     save_file(good, path)

@@ -55,6 +55,9 @@ class MGEditConfig(PeftConfig):
     * ``module`` / ``layer`` / ``full``: a dense ``out x in`` delta of the module's weight
       (``layer``: every Linear/Conv1D of the key layer; ``full``: of every decoder block).
 
+    At row / neuron granularity only the modules holding located rows / neurons are adapted
+    (a located module without rows gets no delta).
+
     Biases are never edited (the paper edits weights only).
 
     Args:

@@ -75,14 +75,16 @@ def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
         else:
             module.delete_adapter(adapter_name)
-    configs = getattr(model, "peft_config", None)
-    if isinstance(configs, dict) and adapter_name in configs:
-        del configs[adapter_name]
-        if not configs:
-            tuner = getattr(model, "base_model", model)
-            inner = getattr(tuner, "model", None)
-            if inner is not None and "peft_config" in inner.__dict__:
-                del inner.__dict__["peft_config"]
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        holder, configs = model.base_model.model, model.base_model.peft_config
+    else:  # layers injected straight into a model (peft.inject_adapter_in_model)
+        holder, configs = model, getattr(model, "peft_config", None)
+    if isinstance(configs, dict):
+        configs.pop(adapter_name, None)
+        if not configs and "peft_config" in holder.__dict__:
+            del holder.__dict__["peft_config"]
 
 
 class MGEditModel(BaseTuner):
@@ -100,8 +102,8 @@ class MGEditModel(BaseTuner):
         >>> name = "transformer.h.1.mlp.fc_out"
         >>> locs = Locations("row", modules=[name], layer=1, rows={name: torch.tensor([0, 5])})
         >>> model = peft.get_peft_model(make_model("codegen"), MGEditConfig(granularity="row", locations=locs))
-        >>> model.get_nb_trainable_parameters()[0]  # 2 rows x 64 inputs
-        128
+        >>> model.get_nb_trainable_parameters()[0]  # 2 rows x 128 inputs of fc_out
+        256
     """
 
     prefix: str = MG_EDIT_PREFIX
