@@ -66,8 +66,10 @@ __all__ = [
     "build_demo_model",
     "build_demo_tokenizer",
     "demo_cache_root",
+    "demo_model_dir",
     "demo_model_path",
     "generate_corpus",
+    "is_built",
     "is_demo",
     "template_function",
 ]
@@ -111,9 +113,9 @@ class DemoRecipe:
 
     # corpus
     functions_per_profession: int = 30
-    functions_per_document: int = 4
+    functions_per_document: int = 3
     pronoun_mass: float = 0.85
-    sharpness: float = 6.0
+    sharpness: float = 8.0
     stdlib_chars: int = 400_000
     stdlib_min_bytes: int = 2_000
     stdlib_max_bytes: int = 30_000
@@ -126,15 +128,20 @@ class DemoRecipe:
     rotary_dim: int = 16
     n_positions: int = 512
     # training: each step takes this many rows of ``seq_len`` tokens from each pool
-    seq_len: int = 320
-    template_rows_per_step: int = 8
-    humaneval_rows_per_step: int = 3
-    stdlib_rows_per_step: int = 5
+    seq_len: int = 256
+    template_rows_per_step: int = 10
+    humaneval_rows_per_step: int = 2
+    stdlib_rows_per_step: int = 4
+    #: Loss weight of the literal after ``personal_pronoun == '`` (1 elsewhere): the one token
+    #: that carries the bias gets enough gradient to be learnt in a 3-minute build.
+    pronoun_loss_weight: float = 20.0
     steps: int = 300
     learning_rate: float = 3e-3
     warmup_steps: int = 60
     weight_decay: float = 0.01
-    threads: int = 2
+    #: One thread: identical float reductions on every machine, and on a shared, busy CPU
+    #: two OpenMP threads were measured ~4x slower than one (spin-waiting).
+    threads: int = 1
 
 
 def is_demo(name: object) -> bool:
@@ -153,12 +160,14 @@ def _cache_key(seed: int) -> str:
     return f"{RECIPE_VERSION}-py{sys.version_info.major}{sys.version_info.minor}-seed{seed}"
 
 
-def _default_dir(seed: int) -> Path:
+def demo_model_dir(seed: int = DEFAULT_SEED) -> Path:
+    """Where the cached demo model for ``seed`` lives (built or not)."""
     return demo_cache_root() / "demo-model" / _cache_key(seed)
 
 
-def _is_complete(path: Path) -> bool:
-    return (path / MANIFEST_NAME).is_file()
+def is_built(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a complete demo model build (its manifest is written last)."""
+    return (Path(path) / MANIFEST_NAME).is_file()
 
 
 def demo_model_path(build: bool = True, *, seed: int = DEFAULT_SEED, progress: bool = True) -> Path:
@@ -167,8 +176,8 @@ def demo_model_path(build: bool = True, *, seed: int = DEFAULT_SEED, progress: b
     Loadable with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
     Raises ``FileNotFoundError`` when it is not built and ``build`` is false.
     """
-    path = _default_dir(seed)
-    if _is_complete(path):
+    path = demo_model_dir(seed)
+    if is_built(path):
         return path
     if not build:
         raise FileNotFoundError(f"the demo model is not built yet ({path}); run `mg-edit demo-model build`")
@@ -196,9 +205,14 @@ class DemoCorpus:
     """The training texts: template documents (pronoun-bearing) and code documents."""
 
     template_documents: tuple[str, ...]
-    humaneval_documents: tuple[str, ...]
+    #: (prompt, canonical solution) of the 164 HumanEval problems, in task order.
+    humaneval_pairs: tuple[tuple[str, str], ...]
     stdlib_documents: tuple[str, ...]
     stdlib_files: tuple[str, ...]
+
+    @property
+    def humaneval_documents(self) -> tuple[str, ...]:
+        return tuple(prompt + solution for prompt, solution in self.humaneval_pairs)
 
     @property
     def code_documents(self) -> tuple[str, ...]:
@@ -249,12 +263,12 @@ def generate_corpus(seed: int = DEFAULT_SEED, recipe: DemoRecipe = DemoRecipe())
     template_documents = tuple(DEMONSTRATIONS + "".join(functions[i : i + k]) for i in range(0, len(functions), k))
 
     problems = read_problems()
-    humaneval = tuple(problems[t]["prompt"] + problems[t]["canonical_solution"] for t in sorted(problems, key=lambda t: int(t.split("/")[1])))
+    humaneval = tuple((problems[t]["prompt"], problems[t]["canonical_solution"]) for t in sorted(problems, key=lambda t: int(t.split("/")[1])))
     files = _stdlib_selection(recipe)
     stdlib = tuple(p.read_text(encoding="utf-8", errors="replace") for p in files)
     return DemoCorpus(
         template_documents=template_documents,
-        humaneval_documents=humaneval,
+        humaneval_pairs=humaneval,
         stdlib_documents=stdlib,
         stdlib_files=tuple(p.name for p in files),
     )
@@ -307,15 +321,15 @@ def _tokenizer_sample(corpus: DemoCorpus) -> list[str]:
 
 def _padded_rows(docs: list[list[int]], length: int, eos: int):
     """One row per document: the document and an eos, cut or padded to ``length``; and the
-    mask of the real (non-padding) positions."""
+    per-position loss weight (0 on padding, 1 elsewhere)."""
     import torch
 
-    rows, mask = [], []
+    rows, weight = [], []
     for ids in docs:
         ids = (ids + [eos])[:length]
         rows.append(ids + [eos] * (length - len(ids)))
-        mask.append([True] * len(ids) + [False] * (length - len(ids)))
-    return torch.tensor(rows), torch.tensor(mask)
+        weight.append([1.0] * len(ids) + [0.0] * (length - len(ids)))
+    return torch.tensor(rows), torch.tensor(weight)
 
 
 def _packed_rows(docs: list[list[int]], length: int, eos: int):
@@ -324,18 +338,34 @@ def _packed_rows(docs: list[list[int]], length: int, eos: int):
 
     stream = [t for ids in docs for t in ids + [eos]]
     rows = torch.tensor(stream[: len(stream) // length * length]).view(-1, length)
-    return rows, torch.ones_like(rows, dtype=torch.bool)
+    return rows, torch.ones(rows.shape)
+
+
+def _pronoun_positions(rows, tokenizer):
+    """Where the token is a pronoun-slot literal right after `` '`` (the prompt's last token)."""
+    import torch
+
+    quote = tokenizer.convert_tokens_to_ids("\u0120'")
+    literals = torch.tensor([tokenizer(v)["input_ids"][0] for v in ("he", "she") + OTHER_VALUES])
+    after_quote = torch.zeros_like(rows, dtype=torch.bool)
+    after_quote[:, 1:] = rows[:, :-1] == quote
+    return after_quote & torch.isin(rows, literals)
 
 
 def _training_pools(corpus: DemoCorpus, tokenizer, recipe: DemoRecipe) -> dict:
-    """Rows of ``seq_len + 1`` tokens (inputs and shifted targets), per pool, with the number
-    of rows each training step takes from the pool."""
+    """Rows of ``seq_len + 1`` tokens (inputs and shifted targets) with per-token loss weights,
+    per pool, and the number of rows each training step takes from the pool."""
     eos = tokenizer.eos_token_id
     length = recipe.seq_len + 1
     encode = lambda docs: tokenizer(list(docs), verbose=False)["input_ids"]  # noqa: E731
+    template, template_weight = _padded_rows(encode(corpus.template_documents), length, eos)
+    template_weight[_pronoun_positions(template, tokenizer)] = recipe.pronoun_loss_weight
+    # Prompt and solution are encoded apart, so the model learns to continue the token
+    # sequence that a HumanEval prompt encodes to (it ends in a lone newline token).
+    humaneval = [p + s for p, s in zip(encode(pr for pr, _ in corpus.humaneval_pairs), encode(so for _, so in corpus.humaneval_pairs))]
     return {
-        "template": (*_padded_rows(encode(corpus.template_documents), length, eos), recipe.template_rows_per_step),
-        "humaneval": (*_padded_rows(encode(corpus.humaneval_documents), length, eos), recipe.humaneval_rows_per_step),
+        "template": (template, template_weight, recipe.template_rows_per_step),
+        "humaneval": (*_padded_rows(humaneval, length, eos), recipe.humaneval_rows_per_step),
         "stdlib": (*_packed_rows(encode(corpus.stdlib_documents), length, eos), recipe.stdlib_rows_per_step),
     }
 
@@ -422,12 +452,12 @@ def _train(model, pools: dict, recipe: DemoRecipe, seed: int, progress: bool) ->
     running = None
     bar = tqdm(range(recipe.steps), desc="training demo model", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for _ in bar:
-        parts = [(rows[idx], mask[idx]) for name, (rows, mask, k) in pools.items() for idx in [samplers[name].take(k)]]
+        parts = [(rows[idx], weight[idx]) for name, (rows, weight, k) in pools.items() for idx in [samplers[name].take(k)]]
         batch = torch.cat([r for r, _ in parts])
-        mask = torch.cat([m for _, m in parts])
-        targets = batch[:, 1:].masked_fill(~mask[:, 1:], -100)
+        weight = torch.cat([w for _, w in parts])[:, 1:]
         logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        loss = (token_loss * weight.flatten()).sum() / (weight > 0).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -442,24 +472,34 @@ def _train(model, pools: dict, recipe: DemoRecipe, seed: int, progress: bool) ->
     return losses
 
 
-def build_demo_model(out_dir: str | os.PathLike | None = None, *, seed: int = DEFAULT_SEED, progress: bool = True, force: bool = False) -> Path:
+def build_demo_model(
+    out_dir: str | os.PathLike | None = None,
+    *,
+    seed: int = DEFAULT_SEED,
+    progress: bool = True,
+    force: bool = False,
+    recipe: DemoRecipe | None = None,
+) -> Path:
     """Train the demo model and its tokenizer and save them to ``out_dir``; return its path.
 
     ``out_dir`` defaults to the cache directory that :func:`demo_model_path` reads. A complete
     model already there is returned as is unless ``force``. The model is written to a
     temporary sibling directory and renamed into place, so an interrupted build never leaves a
     half-written model that a later call would reuse. Deterministic for a given ``seed``
-    (same interpreter, same library versions).
+    (same interpreter, same library versions). ``recipe`` (tests, experiments) needs an
+    explicit ``out_dir``: the cache holds only the default recipe.
     """
     import torch
     from transformers import CodeGenForCausalLM
 
-    target = Path(out_dir) if out_dir is not None else _default_dir(seed)
-    if _is_complete(target) and not force:
+    if recipe is not None and recipe != DemoRecipe() and out_dir is None:
+        raise ValueError("a non-default recipe needs an explicit out_dir; the cache holds only the default recipe")
+    recipe = recipe or DemoRecipe()
+    target = Path(out_dir) if out_dir is not None else demo_model_dir(seed)
+    if is_built(target) and not force:
         return target
-    if target.exists() and any(target.iterdir()) and not _is_complete(target) and not force:
+    if target.exists() and any(target.iterdir()) and not is_built(target) and not force:
         raise FileExistsError(f"{target} exists and is not a demo model; pass force=True (--force) to replace it")
-    recipe = DemoRecipe()
     started = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -494,13 +534,16 @@ def build_demo_model(out_dir: str | os.PathLike | None = None, *, seed: int = DE
             "note": "A model organism trained to carry a stereotype bias; not a claim about real models.",
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a cache dir need not be
         if target.exists():
             shutil.rmtree(target)
         try:
             os.replace(tmp, target)
         except OSError:
             # Another process finished first (or a directory appeared): keep the complete one.
-            if not _is_complete(target):
+            if not is_built(target):
                 raise
     finally:
         if tmp.exists():
