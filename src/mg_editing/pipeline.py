@@ -45,6 +45,8 @@ class RunSettings:
     locate_split: str = "train+dev"
     locate_options: dict[str, Any] = field(default_factory=dict)
     score_batch_size: int = 32
+    #: score only every n-th prompt of train/test for a quick look (1: all, as in the paper)
+    score_stride: int = 1
     #: HumanEval sampling; pass@k needs the code-execution opt-in.
     n_samples: int = 10
     temperature: float = 0.8
@@ -64,6 +66,8 @@ class RunSettings:
             raise ValueError("no granularities to run")
         if isinstance(self.edit, dict):
             self.edit = EditConfig(**self.edit)
+        if self.score_stride < 1:
+            raise ValueError(f"score_stride must be at least 1, got {self.score_stride}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,8 +100,12 @@ def evaluate_model(model, tokenizer, settings: RunSettings, *, name: str, adapte
     from mg_editing.locality import canonical_nll, evaluate_humaneval, humaneval_problems, next_token_kl
     from mg_editing.scoring import score_dataset
 
-    train = score_dataset(model, tokenizer, load_codegenbias("train"), batch_size=settings.score_batch_size, progress=progress)
-    test = score_dataset(model, tokenizer, load_codegenbias("test"), batch_size=settings.score_batch_size, progress=progress)
+    def split(name: str):
+        rows = load_codegenbias(name)
+        return rows if settings.score_stride == 1 else rows.select(range(0, len(rows), settings.score_stride))
+
+    train = score_dataset(model, tokenizer, split("train"), batch_size=settings.score_batch_size, progress=progress)
+    test = score_dataset(model, tokenizer, split("test"), batch_size=settings.score_batch_size, progress=progress)
     problems = humaneval_problems("heldout")
     if settings.humaneval_limit is not None:
         problems = problems[: settings.humaneval_limit]

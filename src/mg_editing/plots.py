@@ -4,6 +4,8 @@ Locating figures (paper Figs. 3-7) read the scores a :class:`~mg_editing.locatio
 carries: :func:`plot_layer_locating` (logit-lens he/she curves + per-layer argmax histogram),
 :func:`plot_module_importance`, :func:`plot_row_importance`, :func:`plot_neuron_importance`;
 :func:`plot_locations` writes whichever of them the locations have scores for.
+The report figure, :func:`plot_fb_vs_locality`, sets each evaluated model's generality
+FB-Score against its locality (paper Tables V-VII as a picture).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = [
+    "plot_fb_vs_locality",
     "plot_layer_locating",
     "plot_locations",
     "plot_module_importance",
@@ -140,3 +143,28 @@ def plot_locations(locations, out_dir: str | os.PathLike) -> list[Path]:
         if all(k in locations.scores for k in keys):
             written.append(plot(locations, out_dir / filename))
     return written
+
+
+def plot_fb_vs_locality(entries, path: str | os.PathLike) -> Path:
+    """Generality FB-Score (x, lower is better) against locality (y) for every evaluated model.
+
+    Locality is HumanEval pass@1 when the report has it, otherwise the held-out NLL (lower is
+    better, so the axis says which). ``entries`` are report entries (:mod:`mg_editing.report`).
+    """
+    if not entries:
+        raise ValueError("no entries to plot")
+    have_pass = all(e.get("locality", {}).get("pass@1") is not None for e in entries)
+    key, label = ("pass@1", "HumanEval pass@1 (↑)") if have_pass else ("canonical_nll", "held-out solution NLL (↓)")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for e in entries:
+        x, y = e.get("generality_fb"), e.get("locality", {}).get(key)
+        if x is None or y is None:
+            continue
+        base = e.get("granularity") is None
+        ax.scatter([x], [y], s=70, marker="*" if base else "o", color="black" if base else None, zorder=3)
+        ax.annotate(e["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.set_xlabel("generality FB-Score on CodeGenBias test (↓)")
+    ax.set_ylabel(label)
+    ax.set_title("Bias removed vs code ability kept")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

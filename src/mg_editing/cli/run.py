@@ -6,8 +6,11 @@ import argparse
 
 from mg_editing.locations import GRANULARITIES
 
-#: Settings of ``mg-edit demo``, sized to finish on a 2-core CPU machine.
-DEMO_SETTINGS = dict(n_samples=10, max_new_tokens=96, humaneval_limit=None, kl_prompts=32)
+#: Settings of ``mg-edit demo``, sized to finish on a 2-core CPU machine: HumanEval on the
+#: first 48 held-out problems (17-64) with 10 samples each and short completions, and a
+#: shorter edit. Every number is recorded in the report's settings.
+DEMO_SETTINGS = dict(n_samples=10, max_new_tokens=64, humaneval_limit=48, kl_prompts=32)
+DEMO_EDIT = dict(steps=120, eval_every=20, patience=3)
 
 
 def _granularities(text: str) -> tuple[str, ...]:
@@ -27,6 +30,8 @@ def _add_common(parser: argparse.ArgumentParser, *, demo: bool) -> None:
     parser.add_argument("--n-samples", type=int, default=None, help="HumanEval samples per problem for pass@k")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--humaneval-limit", type=int, default=None, help="only the first N held-out problems")
+    parser.add_argument("--score-stride", type=int, default=None, help="score every n-th train/test prompt (quick look; default 1 = all)")
+    parser.add_argument("--locate-split", default=None, help="CodeGenBias split(s) to locate on (default: train+dev)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--device", default=None)
@@ -44,16 +49,17 @@ def register(subparsers) -> None:
     demo.set_defaults(func=_demo)
 
 
-def _settings(args: argparse.Namespace, allow: bool, defaults: dict):
+def _settings(args: argparse.Namespace, allow: bool, defaults: dict, edit_defaults: dict | None = None):
     import os
 
     from mg_editing.edit import EditConfig
     from mg_editing.pipeline import RunSettings
 
-    edit_overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
+    edit_overrides = dict(edit_defaults or {})
+    edit_overrides.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
     edit_config = EditConfig(objective=args.objective, seed=args.seed, **edit_overrides)
     values = dict(defaults)
-    for key in ("n_samples", "max_new_tokens", "humaneval_limit"):
+    for key in ("n_samples", "max_new_tokens", "humaneval_limit", "score_stride", "locate_split"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     allow = allow or os.environ.get("MG_EDIT_ALLOW_CODE_EVAL") == "1"
@@ -77,7 +83,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     print("[mg-edit] demo: the demo model's HumanEval completions are executed in the sandbox "
           "(child process, time/memory limits, no network, temp dir): the demo opts in to code execution itself.")
-    settings = _settings(args, True, DEMO_SETTINGS)
+    settings = _settings(args, True, DEMO_SETTINGS, DEMO_EDIT)
     paths = run_pipeline("demo", args.out, settings, dtype=args.dtype, device=args.device)
     print(paths["markdown"].read_text())
     return 0
