@@ -112,3 +112,26 @@ def test_committed_hub_repo_is_current(tmp_path):
     committed = Path(__file__).resolve().parents[1] / "hub_dataset" / "codegenbias"
     fresh = write_hub_dataset(tmp_path / "fresh")
     assert _digest(committed) == _digest(fresh)
+
+
+def test_wheel_ships_the_data_and_the_metric(tmp_path):
+    """`load_codegenbias` and `evaluate.load(FB_SCORE_PATH)` need only the installed package."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("mg_editing-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"mg_editing/resources/bolukbasi_professions.json", "mg_editing/metrics/fb_score/fb_score.py",
+            "mg_editing/metrics/fb_score/README.md"} <= names
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "mg-edit = mg_editing.cli:main" in entry_points
+
+
+def test_loads_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert len(load_codegenbias("dev")) == 277
