@@ -14,8 +14,10 @@ from mg_editing import Locations, MGEditConfig
 from mg_editing.hub import adapter_model_card, push_adapter, save_adapter
 
 
-def _row_adapter(tokenizer):
+def _row_adapter(tokenizer, save_base_to=None):
     model = make_model("codegen", len(tokenizer))
+    if save_base_to is not None:
+        model.save_pretrained(save_base_to)  # before the adapter layers are injected
     name = "transformer.h.2.mlp.fc_out"
     locs = Locations("row", modules=[name], layer=2, rows={name: torch.tensor([1, 5, 9])})
     peft_model = get_peft_model(model, MGEditConfig(granularity="row", locations=locs))
@@ -51,11 +53,10 @@ def test_push_needs_a_saved_adapter(tmp_path):
 
 def test_load_by_hub_id_from_the_cache_offline(tokenizer, tmp_path):
     """`PeftModel.from_pretrained(base, "user/repo")` resolves a Hub id through the HF cache."""
-    peft_model = _row_adapter(tokenizer)
+    base_dir = tmp_path / "base"
+    peft_model = _row_adapter(tokenizer, save_base_to=base_dir)
     ids = torch.tensor([tokenizer.encode("def find_best_nurses(nurses, personal_pronoun):")])
     expected = peft_model(ids).logits
-    base_dir = tmp_path / "base"
-    peft_model.get_base_model().save_pretrained(base_dir)  # weights saved without the adapter layers
     snapshot = tmp_path / "hub" / "models--someone--codegen-mg-edit-row" / "snapshots" / ("a" * 40)
     save_adapter(peft_model, snapshot)
     refs = snapshot.parents[1] / "refs"

@@ -54,3 +54,11 @@ def test_cli_errors_are_one_line(saved_model, capsys):
 def test_dataset_build_command(tmp_path, capsys):
     assert main(["dataset", "build", "--out", str(tmp_path / "cgb")]) == 0
     assert (tmp_path / "cgb" / "data" / "test.parquet").is_file()
+
+
+def test_package_level_functions_survive_submodule_imports():
+    import mg_editing.edit  # noqa: F401
+    import mg_editing.locate  # noqa: F401
+    from mg_editing import edit, load_codegenbias, locate
+
+    assert callable(edit) and callable(locate) and callable(load_codegenbias)

@@ -148,12 +148,14 @@ def plot_locations(locations, out_dir: str | os.PathLike) -> list[Path]:
 def plot_fb_vs_locality(entries, path: str | os.PathLike) -> Path:
     """Generality FB-Score (x, lower is better) against locality (y) for every evaluated model.
 
-    Locality is HumanEval pass@1 when the report has it, otherwise the held-out NLL (lower is
-    better, so the axis says which). ``entries`` are report entries (:mod:`mg_editing.report`).
+    Locality is HumanEval pass@1 when the report has it and it tells the models apart,
+    otherwise the held-out NLL (lower is better; the axis says which). ``entries`` are report
+    entries (:mod:`mg_editing.report`).
     """
     if not entries:
         raise ValueError("no entries to plot")
-    have_pass = all(e.get("locality", {}).get("pass@1") is not None for e in entries)
+    passes = [e.get("locality", {}).get("pass@1") for e in entries]
+    have_pass = None not in passes and len(set(passes)) > 1
     key, label = ("pass@1", "HumanEval pass@1 (↑)") if have_pass else ("canonical_nll", "held-out solution NLL (↓)")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for e in entries:
@@ -162,7 +164,7 @@ def plot_fb_vs_locality(entries, path: str | os.PathLike) -> Path:
             continue
         base = e.get("granularity") is None
         ax.scatter([x], [y], s=70, marker="*" if base else "o", color="black" if base else None, zorder=3)
-        ax.annotate(e["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        ax.annotate(e.get("granularity") or e["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xlabel("generality FB-Score on CodeGenBias test (↓)")
     ax.set_ylabel(label)
     ax.set_title("Bias removed vs code ability kept")
