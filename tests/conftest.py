@@ -81,6 +81,14 @@ def make_model(family: str, vocab_size: int = 600, n_layers: int = 3, seed: int 
     return model.eval()
 
 
+def save_tiny_model(path, family: str = "codegen"):
+    """A tiny random model and its tokenizer saved with ``save_pretrained`` (loads by path)."""
+    tok = make_tokenizer()
+    make_model(family, len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -135,3 +135,9 @@ def test_wheel_ships_the_data_and_the_metric(tmp_path):
 def test_loads_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert len(load_codegenbias("dev")) == 277
+
+
+def test_limit():
+    assert len(load_codegenbias("test", limit=7)) == 7
+    with pytest.raises(ValueError, match="positive"):
+        load_codegenbias("test", limit=0)

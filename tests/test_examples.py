@@ -6,18 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_model, make_tokenizer
+from conftest import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tokenizer()
-    make_model("llama", len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
 def _run(script, *args, cwd=ROOT):

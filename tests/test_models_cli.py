@@ -3,18 +3,14 @@ import json
 import pytest
 from transformers import BertConfig, BertModel
 
-from conftest import make_model, make_tokenizer
+from conftest import save_tiny_model
 from mg_editing.cli import main
 from mg_editing.models import load_model_and_tokenizer, resolve_dtype
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-codegen")
-    tok = make_tokenizer()
-    make_model("codegen", len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-codegen"), "codegen")
 
 
 def test_load_by_path(saved_model):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_model, make_tokenizer
+from conftest import save_tiny_model
 from mg_editing.cli import main
 from mg_editing.edit import EditConfig
 from mg_editing.locations import GRANULARITIES
@@ -23,11 +23,7 @@ SMALL = dict(
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-codegen")
-    tok = make_tokenizer()
-    make_model("codegen", len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-codegen"), "codegen")
 
 
 def _entries(out):

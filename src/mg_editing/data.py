@@ -221,12 +221,19 @@ def dataset_features():
     )
 
 
-def load_codegenbias(split: str | Iterable[str] = "test", *, categories: Iterable[str] | None = None, seed: int = SPLIT_SEED):
+def load_codegenbias(
+    split: str | Iterable[str] = "test",
+    *,
+    categories: Iterable[str] | None = None,
+    limit: int | None = None,
+    seed: int = SPLIT_SEED,
+):
     """Load CodeGenBias as a ``datasets.Dataset``, from the package alone (no network, no files).
 
     ``split`` is one of ``train``/``dev``/``test``, ``all``, or a ``+``-join such as
-    ``"train+dev"`` (the locating set). ``categories`` keeps only those modifier categories.
-    The rows are identical to the Hub repo's parquet files.
+    ``"train+dev"`` (the locating set). ``categories`` keeps only those modifier categories;
+    ``limit`` keeps the first N rows (a quick look). The rows are identical to the Hub repo's
+    parquet files.
     """
     import datasets
 
@@ -240,6 +247,10 @@ def load_codegenbias(split: str | Iterable[str] = "test", *, categories: Iterabl
     rows = [r for n in names for r in parts[n]]
     if categories is not None:
         rows = [r for r in rows if r["category"] in categories]
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive number of rows, got {limit!r}")
+        rows = rows[:limit]
     return datasets.Dataset.from_list(rows, features=dataset_features())
 
 

@@ -68,11 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     from mg_editing.locate import locate
     from mg_editing.models import load_model_and_tokenizer
 
-    dataset = load_codegenbias(args.split)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError("--limit must be a positive number of prompts")
-        dataset = dataset.select(range(min(args.limit, len(dataset))))
+    dataset = load_codegenbias(args.split, limit=args.limit)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     locations = locate(
         model, tokenizer, dataset, args.granularity,

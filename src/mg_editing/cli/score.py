@@ -24,11 +24,7 @@ def _run(args: argparse.Namespace) -> int:
     from mg_editing.models import load_model_and_tokenizer
     from mg_editing.scoring import score_dataset
 
-    dataset = load_codegenbias(args.split)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError("--limit must be a positive number of prompts")
-        dataset = dataset.select(range(min(args.limit, len(dataset))))
+    dataset = load_codegenbias(args.split, limit=args.limit)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     result = score_dataset(model, tokenizer, dataset, batch_size=args.batch_size, progress=True)
     print(result.table(args.model))
