@@ -53,14 +53,12 @@ def _resolve_tokenizer(model: nn.Module, config: MGEditConfig):
 def run_locating(model: nn.Module, config: MGEditConfig):
     """The locating phase of ``get_peft_model`` for a config without locations."""
     tokenizer = _resolve_tokenizer(model, config)
-    try:
-        from mg_editing import locate as locate_module
-    except ImportError as err:
-        raise ImportError(f"mg_editing.locate is unavailable ({err}). " + _HOW_TO_PASS_LOCATIONS) from err
+    # `from mg_editing import locate` would give the package-level function; the module's is the same.
     from mg_editing.data import load_codegenbias
+    from mg_editing.locate import locate
 
     dataset = load_codegenbias("train+dev")
-    return locate_module.locate(model, tokenizer, dataset, granularity=config.granularity, **(config.locate_options or {}))
+    return locate(model, tokenizer, dataset, granularity=config.granularity, **(config.locate_options or {}))
 
 
 def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
