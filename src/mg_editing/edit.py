@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mg_editing.scoring import encode_targets, fb_score, pronoun_log_probs, pronoun_probabilities
+from mg_editing._files import atomic_write_json
+from mg_editing.scoring import encode_targets, fb_score, model_device, pronoun_log_probs, pronoun_probabilities
 
 __all__ = ["OBJECTIVES", "EditConfig", "EditResult", "edit", "objective_loss"]
 
@@ -93,12 +93,7 @@ class EditResult:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        tmp.replace(path)
-        return path
+        return atomic_write_json(path, self.to_dict())
 
 
 def objective_loss(objective: str, p: torch.Tensor, f_he: torch.Tensor, f_she: torch.Tensor) -> torch.Tensor:
@@ -191,7 +186,7 @@ def edit(
 
         recovery_texts = default_recovery()
     params = _trainable(peft_model)
-    device = next(peft_model.parameters()).device
+    device = model_device(peft_model)
 
     targets = encode_targets(tokenizer, [r["prompt"] for r in rows])
     f_he = torch.tensor([(1 + r["fscore"]) / 2 for r in rows], dtype=torch.float32, device=device)

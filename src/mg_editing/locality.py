@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mg_editing.sandbox import ExecutionResult, require_code_execution_opt_in, run_many
+from mg_editing.scoring import model_device
 
 __all__ = [
     "HELDOUT_SLICE",
@@ -268,11 +269,6 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
 
 
 def _max_positions(model) -> int | None:
@@ -344,7 +340,7 @@ def generate_completions(
         raise ValueError("n_samples, batch_size and max_new_tokens must be positive")
     if n_samples > 1 and not do_sample:
         raise ValueError("n_samples > 1 with greedy decoding would repeat one sample; pass do_sample=True")
-    device = _model_device(model)
+    device = model_device(model)
     pad_id = _pad_id(tokenizer)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     limit = _max_positions(model)
@@ -525,7 +521,7 @@ def canonical_nll(
                 raise ValueError(f"{p['task_id']}: the solution alone exceeds max_length={max_length}")
             ids, first = ids[drop:], first - drop
         rows.append((ids, first))
-    device = _model_device(model)
+    device = model_device(model)
     pad_id = _pad_id(tokenizer)
     total, count = 0.0, 0
     for start in tqdm(range(0, len(rows), batch_size), desc="canonical NLL", disable=not progress):
@@ -592,7 +588,7 @@ def next_token_kl(
     encoded = [tokenizer(p)["input_ids"][:cap] for p in prompts]
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("a prompt encodes to no tokens")
-    device_p, device_q = _model_device(model_p), _model_device(model_q)
+    device_p, device_q = model_device(model_p), model_device(model_q)
     pad_id = _pad_id(tokenizer)
     total, count = 0.0, 0
     for start in tqdm(range(0, len(encoded), batch_size), desc="next-token KL", disable=not progress):

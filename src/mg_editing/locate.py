@@ -67,7 +67,7 @@ from mg_editing.architecture import (
     out_features,
 )
 from mg_editing.locations import GRANULARITIES, Locations, check_granularity
-from mg_editing.scoring import PRONOUNS, PronounTarget, check_vocabulary, encode_targets
+from mg_editing.scoring import PRONOUNS, PronounTarget, check_vocabulary, encode_targets, model_device
 
 __all__ = [
     "AGGREGATIONS",
@@ -115,8 +115,6 @@ def _prompts_of(dataset) -> list[str]:
     return prompts
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @dataclass
@@ -323,7 +321,7 @@ def locate_layer(
     n_layers = arch.num_layers
     probs = []
     with _frozen(model):
-        for _, batch in _batches(targets, batch_size, _model_device(model), "locate: layers", progress):
+        for _, batch in _batches(targets, batch_size, model_device(model), "locate: layers", progress):
             store = _forward_blocks(arch, batch, n_layers - 1)
             lp = torch.stack([_lens_log_probs(arch, store[i], batch) for i in range(-1, n_layers)], dim=1)
             probs.append(lp.double().exp().cpu())
@@ -368,7 +366,7 @@ def locate_modules(
     block = arch.layers[layer]
     rows = []
     with _frozen(model):
-        for _, batch in _batches(targets, batch_size, _model_device(model), "locate: modules", progress):
+        for _, batch in _batches(targets, batch_size, model_device(model), "locate: modules", progress):
             args, kwargs = _block_inputs(arch, batch, layer)
             reference = _lens_log_probs(arch, _first(block(*args, **kwargs)), batch).double().exp()
             deltas = []
@@ -432,7 +430,7 @@ def module_gradients(
     module = arch.module(module_name)
     out = []
     with _frozen(model):
-        for _, batch in _batches(targets, batch_size, _model_device(model), "gradients", False):
+        for _, batch in _batches(targets, batch_size, model_device(model), "gradients", False):
             gout, x = _batch_gradients(arch, module, batch)
             for p in range(batch.n_prompts):
                 out.append(torch.stack([gout[k, batch.seq_row[p, k]].T @ x[batch.seq_row[p, k]] for k in range(batch.n_pronouns)]))
@@ -557,7 +555,7 @@ def locate_rows(
         raise ValueError(f"row locating compares two pronouns, got {len(targets[0])}")
     cosines, magnitudes = [], []
     with _frozen(model):
-        for _, batch in _batches(targets, batch_size, _model_device(model), "locate: rows", progress):
+        for _, batch in _batches(targets, batch_size, model_device(model), "locate: rows", progress):
             gout, x = _batch_gradients(arch, module, batch)
             for p in range(batch.n_prompts):
                 r_he, r_she = batch.seq_row[p, 0], batch.seq_row[p, 1]
@@ -630,7 +628,7 @@ def locate_neurons(
         raise ValueError(f"row indices out of range for {module_name} ({n_out} rows)")
     _check_top_k(top_k, rows.numel() * n_in, f"neurons: {rows.numel()} located rows x {n_in} columns")
     _threshold(aggregate, min_frequency, len(targets))
-    device = _model_device(model)
+    device = model_device(model)
     rows_dev = rows.to(device)
     diffs_sum = torch.zeros(rows.numel(), n_in, dtype=torch.float64)
     topks = []

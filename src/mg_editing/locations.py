@@ -170,6 +170,15 @@ class Locations:
             meta=data.get("meta", {}),
         )
 
+    def summary(self) -> dict[str, Any]:
+        """What was located, for model cards and logs (modules, layer, row/neuron counts)."""
+        out: dict[str, Any] = {"modules": self.modules or "every linear weight of the decoder blocks", "layer": self.layer}
+        if self.rows:
+            out["rows"] = self.num_rows
+        if self.neurons:
+            out["neurons"] = self.num_neurons
+        return out
+
     def __repr__(self) -> str:
         parts = [f"granularity={self.granularity!r}"]
         if self.layer is not None:

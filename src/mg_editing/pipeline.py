@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mg_editing._files import atomic_write_json
 from mg_editing.edit import EditConfig, edit
 from mg_editing.locations import GRANULARITIES, Locations, check_granularity
 
@@ -78,11 +79,6 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def _log(message: str) -> None:
@@ -186,12 +182,7 @@ def _edit_stage(base_model, tokenizer, locations: Locations, granularity: str, s
     entry = evaluate_model(peft_model, tokenizer, settings, name=f"{granularity} granularity", adapter=True, progress=progress)
     entry.update(granularity=granularity, objective=settings.edit.objective, trainable_params=trainable,
                  best_step=result.best_step, best_dev_fb=result.best_dev_fb)
-    summary = {"modules": locs.modules or "every linear weight of the decoder blocks", "layer": locs.layer}
-    if locs.rows:
-        summary["rows"] = locs.num_rows
-    if locs.neurons:
-        summary["neurons"] = locs.num_neurons
-    summary["trainable parameters"] = trainable
+    summary = {**locs.summary(), "trainable parameters": trainable}
     keys = ("reliability_fb", "generality_fb")
     metrics = {
         "before": {**{k: base_entry[k] for k in keys}, **base_entry["locality"]},
@@ -202,7 +193,7 @@ def _edit_stage(base_model, tokenizer, locations: Locations, granularity: str, s
         metrics=metrics, objective=settings.edit.objective,
     )
     save_adapter(peft_model, tmp, card=card, extra={"granularity": granularity, "objective": settings.edit.objective})
-    _write_json(tmp / "evaluation.json", entry)
+    atomic_write_json(tmp / "evaluation.json", entry)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
     _log(f"{granularity}: train FB {entry['reliability_fb']:.4f}, test FB {entry['generality_fb']:.4f}")
@@ -233,7 +224,7 @@ def run_pipeline(
             f"{out} holds a run with other settings; use a new --out or delete it. "
             f"Differences: {sorted(k for k in current if recorded.get(k) != current.get(k))}"
         )
-    _write_json(out / "settings.json", current)
+    atomic_write_json(out / "settings.json", current)
     torch.manual_seed(settings.seed)
     base_model, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
 
@@ -241,7 +232,7 @@ def run_pipeline(
     if base_entry is None:
         _log("evaluating the base model")
         base_entry = evaluate_model(base_model, tokenizer, settings, name="original model", progress=progress)
-        _write_json(out / "stages" / "base.json", base_entry)
+        atomic_write_json(out / "stages" / "base.json", base_entry)
     else:
         _log("base model: reusing stages/base.json")
     entries = [base_entry]

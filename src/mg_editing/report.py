@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from mg_editing._files import atomic_write_text
 from mg_editing.data import CATEGORIES
 
 __all__ = ["table_iii", "table_v", "write_report"]
@@ -61,10 +62,6 @@ def table_iii(entries: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def write_report(entries: Sequence[dict], out_dir: str | os.PathLike, *, title: str = "MG-Editing report", settings: dict | None = None) -> dict[str, Path]:
@@ -83,7 +80,7 @@ def write_report(entries: Sequence[dict], out_dir: str | os.PathLike, *, title: 
     if settings:
         md += ["## Settings", "", "```json", json.dumps(settings, indent=1), "```", ""]
     paths = {"markdown": out / "report.md", "json": out / "report.json", "plot": out / "fb_vs_pass1.png"}
-    _atomic_write(paths["markdown"], "\n".join(md))
-    _atomic_write(paths["json"], json.dumps({"title": title, "settings": settings, "entries": list(entries)}, indent=1) + "\n")
+    atomic_write_text(paths["markdown"], "\n".join(md))
+    atomic_write_text(paths["json"], json.dumps({"title": title, "settings": settings, "entries": list(entries)}, indent=1) + "\n")
     plot_fb_vs_locality(entries, paths["plot"])
     return paths

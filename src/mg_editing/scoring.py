@@ -155,8 +155,12 @@ def _check_length(model: nn.Module, targets: Sequence[tuple[PronounTarget, ...]]
         raise ValueError(f"a prompt is {longest} tokens long, beyond the model's {limit} positions")
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's (first) parameters live; inputs are sent there."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
 
 
 def _continuation_log_probs(
@@ -172,7 +176,7 @@ def _continuation_log_probs(
     (or nothing). Differentiable when called with grad enabled. Pairs with the same forward
     sequence (e.g. "he" and "she" after one prompt) share a batch row.
     """
-    device = _model_device(model)
+    device = model_device(model)
     rows: dict[tuple[int, ...], int] = {}
     plan = []
     for context, cont in pairs:
@@ -274,7 +278,7 @@ def pronoun_probabilities(
     check_vocabulary(model, tokenizer, pronouns)
     targets = encode_targets(tokenizer, prompts, pronouns)
     _check_length(model, targets)
-    device = _model_device(model)
+    device = model_device(model)
     prefix_len = _shared_prefix_length(targets) if share_prefix else 0
     cache = None
     if prefix_len > 0:
@@ -299,7 +303,7 @@ def pronoun_probabilities_naive(
     The chain rule over the tokens of ``prompt + x`` that follow the longest token prefix it
     shares with ``prompt``. Slow; used to check the fast scorer and as the benchmark baseline.
     """
-    device = _model_device(model)
+    device = model_device(model)
     out = torch.zeros(len(prompts), len(pronouns), dtype=torch.float64)
 
     def sequence_log_prob(ids: list[int], start: int) -> float:

@@ -57,13 +57,8 @@ def _run(args: argparse.Namespace) -> int:
     result = edit(peft_model, tokenizer, train, dev_dataset=load_codegenbias("dev"), config=config, history_path=out / "edit_history.json")
     after = {"reliability_fb": score_dataset(peft_model, tokenizer, train, progress=True).fb_score,
              "generality_fb": score_dataset(peft_model, tokenizer, test, progress=True).fb_score}
-    summary = {"modules": locations.modules or "every linear weight of the decoder blocks", "layer": locations.layer}
-    if locations.rows:
-        summary["rows"] = locations.num_rows
-    if locations.neurons:
-        summary["neurons"] = locations.num_neurons
     card = adapter_model_card(base_model=str(args.model if args.model != "demo" else model.name_or_path), granularity=args.granularity,
-                              locations_summary=summary, metrics={"before": before, "after": after},
+                              locations_summary=locations.summary(), metrics={"before": before, "after": after},
                               objective=args.objective, repo_id=args.push_to_hub)
     save_adapter(peft_model, out, card=card, extra={"before": before, "after": after, "best_step": result.best_step})
     print(json.dumps({"before": before, "after": after}, indent=1))
