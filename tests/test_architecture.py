@@ -72,3 +72,14 @@ def test_clear_errors(tokenizer):
         arch.module("model.layers.0.mlp.fc_in")
     with pytest.raises(ValueError, match="out of range"):
         arch.layer_name(7)
+
+
+def test_trace_can_stop_the_forward_early(tokenizer):
+    from mg_editing.architecture import StopForward
+
+    model = make_model("llama", len(tokenizer))
+    arch = get_architecture(model)
+    with trace_layer_outputs(arch, stop_after=0) as states:
+        with pytest.raises(StopForward):
+            model(torch.tensor([[1, 2, 3]]))
+    assert sorted(states) == [-1, 0]

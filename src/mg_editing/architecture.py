@@ -31,6 +31,7 @@ __all__ = [
     "FAMILY_SPECS",
     "FamilySpec",
     "ModelArchitecture",
+    "StopForward",
     "get_architecture",
     "in_features",
     "is_conv1d",
@@ -225,30 +226,38 @@ def get_architecture(model: nn.Module) -> ModelArchitecture:
     return ModelArchitecture(model, spec)
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early, when nothing after that point is needed."""
+
+
 @contextlib.contextmanager
-def trace_layer_outputs(arch: ModelArchitecture) -> Iterator[dict[int, torch.Tensor]]:
+def trace_layer_outputs(arch: ModelArchitecture, *, stop_after: int | None = None) -> Iterator[dict[int, torch.Tensor]]:
     """Record the residual stream after every decoder block (before the final norm).
 
     Yields a dict ``{-1: embeddings output, i: output of block i}`` filled during the
-    forward passes run inside the ``with``. Hooks are always removed on exit.
+    forward passes run inside the ``with``. With ``stop_after=i`` only blocks ``0..i`` are
+    hooked and the forward is ended after block ``i`` by :class:`StopForward`, which the
+    caller catches around its forward call. Hooks are always removed on exit.
     """
     store: dict[int, torch.Tensor] = {}
     handles = []
+    last = arch.num_layers - 1 if stop_after is None else arch.check_layer(stop_after)
 
     def first_input(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        store[-1] = hidden
+        store[-1] = args[0] if args else kwargs.get("hidden_states")
 
     def save(index):
         def hook(_module, _args, output):
             store[index] = output[0] if isinstance(output, (tuple, list)) else output
+            if index == stop_after:
+                raise StopForward
 
         return hook
 
     try:
         handles.append(arch.layers[0].register_forward_pre_hook(first_input, with_kwargs=True))
-        for i, layer in enumerate(arch.layers):
-            handles.append(layer.register_forward_hook(save(i)))
+        for i in range(last + 1):
+            handles.append(arch.layers[i].register_forward_hook(save(i)))
         yield store
     finally:
         for h in handles:

@@ -61,10 +61,12 @@ from torch import nn
 
 from mg_editing.architecture import (
     ModelArchitecture,
+    StopForward,
     get_architecture,
     in_features,
     is_conv1d,
     out_features,
+    trace_layer_outputs,
 )
 from mg_editing.locations import GRANULARITIES, Locations, check_granularity
 from mg_editing.scoring import PRONOUNS, PronounTarget, check_vocabulary, encode_targets, model_device
@@ -178,10 +180,6 @@ def _lens_log_probs(arch: ModelArchitecture, hidden: torch.Tensor, batch: _Batch
 
 
 # -- running the blocks ----------------------------------------------------------------------
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early (nothing after it is needed)."""
-
-
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -191,31 +189,11 @@ def _forward_blocks(arch: ModelArchitecture, batch: _Batch, stop_after: int) -> 
 
     Returns ``{-1: embedding output, i: output of block i}`` for ``i <= stop_after``.
     """
-    store: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def first_input(_module, args, kwargs):
-        store[-1] = args[0] if args else kwargs["hidden_states"]
-
-    def save(index):
-        def hook(_module, _args, output):
-            store[index] = _first(output)
-            if index == stop_after:
-                raise _Stop
-
-        return hook
-
-    try:
-        handles.append(arch.layers[0].register_forward_pre_hook(first_input, with_kwargs=True))
-        for i in range(stop_after + 1):
-            handles.append(arch.layers[i].register_forward_hook(save(i)))
+    with trace_layer_outputs(arch, stop_after=stop_after) as store:
         try:
             arch.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        except _Stop:
+        except StopForward:
             pass
-    finally:
-        for h in handles:
-            h.remove()
     if stop_after not in store:
         raise RuntimeError(f"block {stop_after} did not run in the forward pass of {type(arch.model).__name__}")
     return store
@@ -227,12 +205,12 @@ def _block_inputs(arch: ModelArchitecture, batch: _Batch, layer: int) -> tuple[t
 
     def grab(_module, args, kwargs):
         captured["args"], captured["kwargs"] = args, kwargs
-        raise _Stop
+        raise StopForward
 
     handle = arch.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         arch.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         handle.remove()
