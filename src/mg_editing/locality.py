@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from mg_editing.distributed import gather_list, local_part
 from mg_editing.sandbox import ExecutionResult, require_code_execution_opt_in, run_many
 from mg_editing.scoring import model_device
 
@@ -194,10 +195,11 @@ def score_completions(
     programs = [build_program(p, c) for p, cs in zip(problems, completions) for c in cs]
     # Samples of a confident model repeat themselves; each distinct program runs once.
     distinct = list(dict.fromkeys(programs))
-    ran = run_many(
-        distinct, workers=workers, timeout=timeout, memory_mb=memory_mb,
+    # Under a multi-process launch each process runs its block of programs (distributed.py).
+    ran = gather_list(run_many(
+        list(local_part(distinct)), workers=workers, timeout=timeout, memory_mb=memory_mb,
         allow_code_execution=True, progress=progress,
-    )
+    ))
     by_program = dict(zip(distinct, ran))
     results: list[ExecutionResult] = [by_program[program] for program in programs]
     per_problem = []
@@ -322,8 +324,10 @@ def generate_completions(
     Batches are left-padded (the pad id is read from the tokenizer, falling back to EOS; the
     tokenizer is never modified). Each row stops as soon as its generated text contains a stop
     sequence, and the completion is then cut there. ``batch_size`` counts sequences, not
-    prompts. Results are deterministic for a given ``seed`` and ``batch_size``; the global RNG
-    state is left as it was.
+    prompts. Each batch draws from its own seed (``seed`` + its first job's index), so results
+    are deterministic for a given ``seed`` and ``batch_size``, and the same under a
+    multi-process launch, where each process generates a contiguous block of the batches and
+    all processes return every completion. The global RNG state is left as it was.
 
     Returns:
         ``completions[i][j]``: the j-th sample for ``prompts[i]`` (prompt not included).
@@ -363,10 +367,11 @@ def generate_completions(
         gen_kwargs["eos_token_id"] = tokenizer.eos_token_id
 
     rng_devices = [device] if device.type == "cuda" else []
+    done: list[tuple[int, int, str]] = []
     with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)
-        batches = range(0, len(jobs), batch_size)
+        batches = local_part(range(0, len(jobs), batch_size))
         for start in tqdm(batches, desc="generating", disable=not progress):
+            torch.manual_seed(seed + start)
             batch = jobs[start:start + batch_size]
             input_ids, attention_mask = _left_padded([encoded[i] for i, _ in batch], pad_id, device)
             width = input_ids.shape[1]
@@ -376,8 +381,9 @@ def generate_completions(
                 stopping_criteria=stopping, **gen_kwargs,
             )
             texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-            for (i, j), text in zip(batch, texts):
-                completions[i][j] = truncate_completion(text, stop_sequences)
+            done += [(i, j, truncate_completion(text, stop_sequences)) for (i, j), text in zip(batch, texts)]
+    for i, j, text in gather_list(done):
+        completions[i][j] = text
     return completions
 
 
@@ -524,26 +530,33 @@ def canonical_nll(
     device = model_device(model)
     pad_id = _pad_id(tokenizer)
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(rows), batch_size), desc="canonical NLL", disable=not progress):
-        batch = rows[start:start + batch_size]
+    local = local_part(rows)  # each process its block under a multi-process launch
+    for start in tqdm(range(0, len(local), batch_size), desc="canonical NLL", disable=not progress):
+        batch = local[start:start + batch_size]
         input_ids, attention_mask = _right_padded([ids for ids, _ in batch], pad_id, device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         # Position t predicts token t+1: score targets from the first solution token on.
         targets = torch.zeros_like(input_ids, dtype=torch.bool)
         for i, (ids, first) in enumerate(batch):
             targets[i, first:len(ids)] = True
-        target_mask = targets[:, 1:]
+        target_mask = targets[:, 1:].to(logits.device)  # a device_map may put logits elsewhere
         chosen = logits[:, :-1][target_mask].float()
-        labels = input_ids[:, 1:][target_mask]
+        labels = input_ids[:, 1:].to(logits.device)[target_mask]
         total += F.cross_entropy(chosen, labels, reduction="sum").item()
         count += int(labels.numel())
-    return total / count
+    return _pooled_mean(total, count)
+
+
+def _pooled_mean(total: float, count: int) -> float:
+    """``sum(total) / sum(count)`` over the processes of a launch (this one alone otherwise)."""
+    parts = gather_list([(total, count)])
+    return sum(t for t, _ in parts) / sum(c for _, c in parts)
 
 
 def _next_token_logprobs(model, input_ids, attention_mask, context) -> torch.Tensor:
     with context():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return F.log_softmax(logits[attention_mask.bool()].float(), dim=-1)
+    return F.log_softmax(logits[attention_mask.bool().to(logits.device)].float(), dim=-1)
 
 
 @torch.no_grad()
@@ -591,8 +604,9 @@ def next_token_kl(
     device_p, device_q = model_device(model_p), model_device(model_q)
     pad_id = _pad_id(tokenizer)
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(encoded), batch_size), desc="next-token KL", disable=not progress):
-        rows = encoded[start:start + batch_size]
+    local = local_part(encoded)
+    for start in tqdm(range(0, len(local), batch_size), desc="next-token KL", disable=not progress):
+        rows = local[start:start + batch_size]
         ids, mask = _right_padded(rows, pad_id, device_p)
         logp = _next_token_logprobs(model_p, ids, mask, p_context)
         logq = _next_token_logprobs(model_q, ids.to(device_q), mask.to(device_q), nullcontext).to(logp.device)
@@ -601,4 +615,4 @@ def next_token_kl(
         kl = F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)  # sum_v p (log p - log q)
         total += kl.sum().item()
         count += kl.numel()
-    return total / count
+    return _pooled_mean(total, count)

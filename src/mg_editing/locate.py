@@ -68,6 +68,7 @@ from mg_editing.architecture import (
     out_features,
     trace_layer_outputs,
 )
+from mg_editing.distributed import gather_tensor, local_part, reduce_sum
 from mg_editing.locations import GRANULARITIES, Locations, check_granularity
 from mg_editing.scoring import PRONOUNS, PronounTarget, check_vocabulary, encode_targets, model_device
 
@@ -164,19 +165,31 @@ def _make_batch(targets: Sequence[tuple[PronounTarget, ...]], device: torch.devi
 
 
 def _batches(targets, batch_size: int, device, desc: str, progress: bool) -> Iterator[tuple[int, _Batch]]:
+    """Batches of this process's block of the prompts (all of them in a single process); each
+    stage gathers its per-prompt results with :func:`mg_editing.distributed.gather_tensor`."""
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(targets), batch_size), desc=desc, unit="batch", disable=not progress):
-        yield start, _make_batch(targets[start : start + batch_size], device)
+    local = local_part(targets)
+    for start in tqdm(range(0, len(local), batch_size), desc=desc, unit="batch", disable=not progress):
+        yield start, _make_batch(local[start : start + batch_size], device)
 
 
 def _lens_log_probs(arch: ModelArchitecture, hidden: torch.Tensor, batch: _Batch) -> torch.Tensor:
     """Chain-rule ``log p(x | prompt)`` read through the logit lens of ``hidden``: ``(P, K)``."""
-    picked = hidden[batch.pick_row, batch.pick_pos]
+    # With a device_map the blocks and the unembedding may sit on different devices.
+    picked = hidden[batch.pick_row.to(hidden.device), batch.pick_pos.to(hidden.device)]
     logits = arch.logits(picked).float()
-    token_lp = torch.log_softmax(logits, dim=-1).gather(1, batch.pick_tok[:, None])[:, 0]
-    out = torch.zeros(batch.n_prompts * batch.n_pronouns, dtype=token_lp.dtype, device=token_lp.device)
-    return out.index_add(0, batch.pick_owner, token_lp).view(batch.n_prompts, batch.n_pronouns)
+    device = logits.device
+    token_lp = torch.log_softmax(logits, dim=-1).gather(1, batch.pick_tok.to(device)[:, None])[:, 0]
+    out = torch.zeros(batch.n_prompts * batch.n_pronouns, dtype=token_lp.dtype, device=device)
+    return out.index_add(0, batch.pick_owner.to(device), token_lp).view(batch.n_prompts, batch.n_pronouns)
+
+
+def _gather(parts: list[torch.Tensor], row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """This process's per-prompt results (a list of ``(n_i, *row_shape)``), concatenated with
+    every other process's in prompt order (:func:`mg_editing.distributed.gather_tensor`)."""
+    local = torch.cat(parts) if parts else torch.zeros((0, *row_shape), dtype=dtype)
+    return gather_tensor(local)
 
 
 # -- running the blocks ----------------------------------------------------------------------
@@ -303,7 +316,7 @@ def locate_layer(
             store = _forward_blocks(arch, batch, n_layers - 1)
             lp = torch.stack([_lens_log_probs(arch, store[i], batch) for i in range(-1, n_layers)], dim=1)
             probs.append(lp.double().exp().cpu())
-    lens_probs = torch.cat(probs)  # (N, L + 1, K)
+    lens_probs = _gather(probs, (n_layers + 1, len(targets[0])), torch.float64)  # (N, L + 1, K)
     importance = (lens_probs[:, 1:] - lens_probs[:, :-1]).abs().sum(-1)
     key, counts = _select_layer(importance, layer_selection)
     return LayerResult(key, lens_probs, importance, counts, layer_selection)
@@ -353,7 +366,7 @@ def locate_modules(
                     ablated = _lens_log_probs(arch, _first(block(*args, **kwargs)), batch).double().exp()
                 deltas.append((ablated - reference).abs().sum(-1))
             rows.append(torch.stack(deltas, dim=1).cpu())
-    importance = torch.cat(rows)
+    importance = _gather(rows, (len(names),), torch.float64)
     order = importance.mean(0).argsort(descending=True, stable=True)
     return ModuleResult(layer, names, importance, [names[i] for i in order])
 
@@ -411,8 +424,9 @@ def module_gradients(
         for _, batch in _batches(targets, batch_size, model_device(model), "gradients", False):
             gout, x = _batch_gradients(arch, module, batch)
             for p in range(batch.n_prompts):
-                out.append(torch.stack([gout[k, batch.seq_row[p, k]].T @ x[batch.seq_row[p, k]] for k in range(batch.n_pronouns)]))
-    return torch.stack(out).cpu()
+                rows = [int(r) for r in batch.seq_row[p]]
+                out.append(torch.stack([gout[k, r].T @ x[r].to(gout.device) for k, r in enumerate(rows)]).cpu())
+    return _gather([torch.stack(out)] if out else [], (len(targets[0]), out_features(module), in_features(module)), torch.float32)
 
 
 # -- aggregation -----------------------------------------------------------------------------
@@ -536,13 +550,14 @@ def locate_rows(
         for _, batch in _batches(targets, batch_size, model_device(model), "locate: rows", progress):
             gout, x = _batch_gradients(arch, module, batch)
             for p in range(batch.n_prompts):
-                r_he, r_she = batch.seq_row[p, 0], batch.seq_row[p, 1]
-                g_he = gout[0, r_he].T @ x[r_he]
-                g_she = gout[1, r_she].T @ x[r_she]
+                r_he, r_she = int(batch.seq_row[p, 0]), int(batch.seq_row[p, 1])
+                g_he = gout[0, r_he].T @ x[r_he].to(gout.device)
+                g_she = gout[1, r_she].T @ x[r_she].to(gout.device)
                 cosines.append(torch.nn.functional.cosine_similarity(g_he, g_she, dim=1).cpu())
                 magnitudes.append((g_he.norm(dim=1) * g_she.norm(dim=1)).cpu())
-    cos = torch.stack(cosines)  # (N, out)
-    topk = _top_rows(cos, torch.stack(magnitudes), row_ranking, top_k)
+    cos = _gather([torch.stack(cosines)] if cosines else [], (n_out,), torch.float32)  # (N, out)
+    magnitude = _gather([torch.stack(magnitudes)] if magnitudes else [], (n_out,), torch.float32)
+    topk = _top_rows(cos, magnitude, row_ranking, top_k)
     rows, counts = aggregate_topk(topk, n_out, aggregate, min_frequency)
     if rows.numel() == 0:
         raise _empty_selection("row", aggregate)
@@ -613,13 +628,14 @@ def locate_neurons(
     with _frozen(model):
         for _, batch in _batches(targets, batch_size, device, "locate: neurons", progress):
             gout, x = _batch_gradients(arch, module, batch)
-            gout = gout[..., rows_dev]  # only the located rows' output grads
+            gout = gout[..., rows_dev.to(gout.device)]  # only the located rows' output grads
             for p in range(batch.n_prompts):
-                r_he, r_she = batch.seq_row[p, 0], batch.seq_row[p, 1]
-                diff = (gout[0, r_he].T @ x[r_he] - gout[1, r_she].T @ x[r_she]).abs()
+                r_he, r_she = int(batch.seq_row[p, 0]), int(batch.seq_row[p, 1])
+                diff = (gout[0, r_he].T @ x[r_he].to(gout.device) - gout[1, r_she].T @ x[r_she].to(gout.device)).abs()
                 diffs_sum += diff.double().cpu()
                 topks.append(diff.reshape(-1).topk(top_k).indices.cpu())
-    topk = torch.stack(topks)  # flat indices into (len(rows), in)
+    diffs_sum = reduce_sum(diffs_sum)
+    topk = _gather([torch.stack(topks)] if topks else [], (top_k,), torch.long)  # flat indices into (len(rows), in)
     flat, counts = aggregate_topk(topk, rows.numel() * n_in, aggregate, min_frequency)
     if flat.numel() == 0:
         raise _empty_selection("neuron", aggregate)

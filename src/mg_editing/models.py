@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from mg_editing.distributed import is_distributed, process_device
+
 __all__ = ["DEMO_MODEL", "load_model_and_tokenizer", "resolve_dtype", "resolve_model_path"]
 
 #: The model argument that names the project's own demo model.
@@ -57,6 +59,13 @@ def load_model_and_tokenizer(
 
     ``name_or_path`` is a Hub id, a local directory, or ``"demo"``. Fails with one clear
     message when the checkpoint is not a causal LM.
+
+    Placement: ``device`` puts the whole model on one device. ``device_map`` (``"auto"`` or a
+    dict; with ``max_memory`` / ``offload_folder`` in ``model_kwargs``) lets accelerate shard
+    a model too large for one device over several (GPUs, CPU, disk); locating, editing and
+    scoring read every tensor on the device of the module that produced it. Under
+    ``accelerate launch`` / ``torchrun`` without either, each process loads its own replica
+    onto its own device (:func:`mg_editing.distributed.process_device`) for data-parallel runs.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -79,7 +88,13 @@ def load_model_and_tokenizer(
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if device_map is not None:
+        if device is not None:
+            raise ValueError("pass either device (one device) or device_map (a model sharded over devices), not both")
         kwargs["device_map"] = device_map
+    elif any(k in kwargs for k in ("max_memory", "offload_folder")):
+        raise ValueError("max_memory and offload_folder only apply with a device_map (e.g. device_map='auto')")
+    if device is None and device_map is None and is_distributed():
+        device = process_device()  # data parallel: one replica per process, on its device
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if device is not None and device_map is None:
         model = model.to(device)

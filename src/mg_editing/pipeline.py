@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from mg_editing._files import atomic_write_json
+from mg_editing.distributed import is_main_process, wait_for_everyone
 from mg_editing.edit import EditConfig, edit
 from mg_editing.locations import GRANULARITIES, Locations, check_granularity
 
@@ -79,6 +80,13 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Process 0 writes (atomically); every process waits until the file is there."""
+    if is_main_process():
+        atomic_write_json(path, payload)
+    wait_for_everyone()
 
 
 def _log(message: str) -> None:
@@ -145,13 +153,15 @@ def _locate_stage(model, tokenizer, settings: RunSettings, out: Path, progress: 
     finest = max(settings.granularities, key=GRANULARITIES.index)
     _log(f"locating at {finest} granularity on CodeGenBias {settings.locate_split}")
     locations = locate(model, tokenizer, load_codegenbias(settings.locate_split), finest, progress=progress, **settings.locate_options)
-    tmp = out / "locations.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    locations.save(tmp)
-    plot_locations(locations, tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.replace(folder)
-    _log(f"located: {locations!r}")
+    if is_main_process():
+        tmp = out / "locations.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        locations.save(tmp)
+        plot_locations(locations, tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+        _log(f"located: {locations!r}")
+    wait_for_everyone()
     return locations
 
 
@@ -173,8 +183,10 @@ def _edit_stage(base_model, tokenizer, locations: Locations, granularity: str, s
     peft_model = get_peft_model(model, MGEditConfig(granularity=granularity, locations=locs))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     tmp = out / "adapters" / f"{granularity}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    wait_for_everyone()
     result = edit(
         peft_model, tokenizer, load_codegenbias("train"), dev_dataset=load_codegenbias("dev"),
         config=settings.edit, history_path=tmp / "edit_history.json", progress=progress,
@@ -192,11 +204,13 @@ def _edit_stage(base_model, tokenizer, locations: Locations, granularity: str, s
         base_model=str(base_model.name_or_path), granularity=granularity, locations_summary=summary,
         metrics=metrics, objective=settings.edit.objective,
     )
-    save_adapter(peft_model, tmp, card=card, extra={"granularity": granularity, "objective": settings.edit.objective})
-    atomic_write_json(tmp / "evaluation.json", entry)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.replace(folder)
-    _log(f"{granularity}: train FB {entry['reliability_fb']:.4f}, test FB {entry['generality_fb']:.4f}")
+    if is_main_process():
+        save_adapter(peft_model, tmp, card=card, extra={"granularity": granularity, "objective": settings.edit.objective})
+        atomic_write_json(tmp / "evaluation.json", entry)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+        _log(f"{granularity}: train FB {entry['reliability_fb']:.4f}, test FB {entry['generality_fb']:.4f}")
+    wait_for_everyone()
     return entry
 
 
@@ -207,15 +221,25 @@ def run_pipeline(
     *,
     dtype: str | None = None,
     device: str | None = None,
+    device_map: str | dict | None = None,
     progress: bool = True,
+    **model_kwargs,
 ) -> dict[str, Path]:
-    """Run (or resume) the pipeline for ``model`` (Hub id, path or ``"demo"``) into ``out_dir``."""
+    """Run (or resume) the pipeline for ``model`` (Hub id, path or ``"demo"``) into ``out_dir``.
+
+    ``dtype``, ``device``, ``device_map`` and ``model_kwargs`` (``max_memory``,
+    ``offload_folder``...) go to :func:`mg_editing.models.load_model_and_tokenizer`. Under
+    ``accelerate launch`` / ``torchrun`` every process runs every stage on its share of the
+    prompts (:mod:`mg_editing.distributed`); process 0 writes the files.
+    """
     from mg_editing.models import load_model_and_tokenizer
-    from mg_editing.report import write_report
+    from mg_editing.report import report_paths, write_report
 
     settings = settings or RunSettings()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+    wait_for_everyone()
     recorded = _read_json(out / "settings.json")
     current = {"model": str(model), **settings.to_dict()}
     current = json.loads(json.dumps(current))
@@ -224,15 +248,16 @@ def run_pipeline(
             f"{out} holds a run with other settings; use a new --out or delete it. "
             f"Differences: {sorted(k for k in current if recorded.get(k) != current.get(k))}"
         )
-    atomic_write_json(out / "settings.json", current)
+    wait_for_everyone()  # every process has read (and compared) the recorded settings
+    _write_json(out / "settings.json", current)
     torch.manual_seed(settings.seed)
-    base_model, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
+    base_model, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device, device_map=device_map, **model_kwargs)
 
     base_entry = _read_json(out / "stages" / "base.json")
     if base_entry is None:
         _log("evaluating the base model")
         base_entry = evaluate_model(base_model, tokenizer, settings, name="original model", progress=progress)
-        atomic_write_json(out / "stages" / "base.json", base_entry)
+        _write_json(out / "stages" / "base.json", base_entry)
     else:
         _log("base model: reusing stages/base.json")
     entries = [base_entry]
@@ -240,6 +265,8 @@ def run_pipeline(
     locations = _locate_stage(base_model, tokenizer, settings, out, progress) if needs_locating else Locations("full")
     for granularity in settings.granularities:
         entries.append(_edit_stage(base_model, tokenizer, locations, granularity, settings, out, base_entry, progress))
-    paths = write_report(entries, out, title=f"MG-Editing report: {model}", settings=current)
-    _log(f"report: {paths['markdown']}")
-    return paths
+    if is_main_process():
+        paths = write_report(entries, out, title=f"MG-Editing report: {model}", settings=current)
+        _log(f"report: {paths['markdown']}")
+    wait_for_everyone()
+    return report_paths(out)

@@ -24,7 +24,7 @@ from typing import Sequence
 from mg_editing._files import atomic_write_text
 from mg_editing.data import CATEGORIES
 
-__all__ = ["table_iii", "table_v", "write_report"]
+__all__ = ["report_paths", "table_iii", "table_v", "write_report"]
 
 _LOCALITY_COLUMNS = (
     ("pass@1", "Locality-Pass@1 (↑)"),
@@ -64,6 +64,12 @@ def table_iii(entries: Sequence[dict]) -> str:
 
 
 
+def report_paths(out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Where :func:`write_report` puts the Markdown report, its JSON and the plot."""
+    out = Path(out_dir)
+    return {"markdown": out / "report.md", "json": out / "report.json", "plot": out / "fb_vs_pass1.png"}
+
+
 def write_report(entries: Sequence[dict], out_dir: str | os.PathLike, *, title: str = "MG-Editing report", settings: dict | None = None) -> dict[str, Path]:
     """Write ``report.md``, ``report.json`` and ``fb_vs_pass1.png`` into ``out_dir``."""
     from mg_editing.plots import plot_fb_vs_locality
@@ -79,7 +85,7 @@ def write_report(entries: Sequence[dict], out_dir: str | os.PathLike, *, title: 
     md += ["## Table III layout: generality FB-Score per modifier category", "", table_iii(entries), ""]
     if settings:
         md += ["## Settings", "", "```json", json.dumps(settings, indent=1), "```", ""]
-    paths = {"markdown": out / "report.md", "json": out / "report.json", "plot": out / "fb_vs_pass1.png"}
+    paths = report_paths(out)
     atomic_write_text(paths["markdown"], "\n".join(md))
     atomic_write_text(paths["json"], json.dumps({"title": title, "settings": settings, "entries": list(entries)}, indent=1) + "\n")
     plot_fb_vs_locality(entries, paths["plot"])

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from mg_editing.data import CATEGORIES
+from mg_editing.distributed import gather_tensor, local_part
 
 __all__ = [
     "PRONOUNS",
@@ -205,6 +206,8 @@ def _continuation_log_probs(
         kwargs[_cache_kwarg(model)] = cache
         kwargs["position_ids"] = (prefix_length + torch.arange(width)).expand(len(seqs), -1).to(device)
     logits = model(**kwargs).logits
+    device = logits.device  # with a device_map the output may live on another device than the inputs
+    out = out.to(device)
     # Only the positions that predict continuation tokens go through log_softmax.
     index_rows, index_pos, index_tok, owner = [], [], [], []
     for k, item in enumerate(plan):
@@ -262,6 +265,9 @@ def pronoun_probabilities(
 ) -> torch.Tensor:
     """``p(pronoun | prompt)`` for every prompt: a float64 tensor of shape ``(N, len(pronouns))``.
 
+    Under ``accelerate launch`` / ``torchrun`` each process scores a contiguous block of the
+    prompts and all processes return the full tensor, in prompt order (:mod:`mg_editing.distributed`).
+
     Args:
         model: any Hugging Face causal LM (``AutoModelForCausalLM``), in eval mode.
         tokenizer: its tokenizer. Its pad token and padding side do not matter.
@@ -286,12 +292,14 @@ def pronoun_probabilities(
         cache = _output_cache(model(input_ids=prefix, use_cache=True))
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):
             cache, prefix_len = None, 0  # a model without a reusable cache: score in full
-    results = []
-    for start in tqdm(range(0, len(targets), batch_size), desc="scoring", unit="batch", disable=not progress):
-        chunk = targets[start : start + batch_size]
+    # Under a multi-process launch each process scores its block of prompts (distributed.py).
+    local = local_part(targets)
+    results = [torch.zeros(0, len(pronouns), dtype=torch.float64)]
+    for start in tqdm(range(0, len(local), batch_size), desc="scoring", unit="batch", disable=not progress):
+        chunk = local[start : start + batch_size]
         lp = _continuation_log_probs(model, _target_pairs(chunk), prefix_cache=cache, prefix_length=prefix_len)
         results.append(_combine(lp, len(chunk), len(pronouns)).double().cpu())
-    return torch.cat(results).exp()
+    return gather_tensor(torch.cat(results)).exp()
 
 
 @torch.no_grad()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mg_editing.cli._model_args import add_model_arguments, load_kwargs
+
 
 def _min_frequency(text: str) -> float | int:
     """``0.5`` -> a fraction of the prompts; ``3`` -> a number of prompts."""
@@ -39,8 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("--row-ranking", default="largest", choices=ROW_RANKINGS,
                         help="which gradient cosines mark a bias row (default: %(default)s, as the paper)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the checkpoint's)")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    add_model_arguments(parser, model=False)
     parser.add_argument("--no-plots", action="store_true", help="do not write the figures")
     parser.add_argument("--out", required=True, help="output folder for locations.json/.safetensors and figures")
     parser.set_defaults(func=_run)
@@ -69,7 +70,9 @@ def _run(args: argparse.Namespace) -> int:
     from mg_editing.models import load_model_and_tokenizer
 
     dataset = load_codegenbias(args.split, limit=args.limit)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    from mg_editing.distributed import is_main_process
+
+    model, tokenizer = load_model_and_tokenizer(args.model, **load_kwargs(args))
     locations = locate(
         model, tokenizer, dataset, args.granularity,
         layer_selection=args.layer_selection, layer=args.layer, modules=args.modules, n_modules=args.n_modules,
@@ -78,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     locations.meta["split"] = args.split
     locations.meta["model"] = args.model
+    if not is_main_process():  # data parallel: every process located the same; process 0 writes
+        return 0
     out = Path(args.out)
     locations.save(out)
     print(summary(locations))

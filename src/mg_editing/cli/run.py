@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mg_editing.cli._model_args import add_model_arguments, load_kwargs
 from mg_editing.locations import GRANULARITIES
 
 #: Settings of ``mg-edit demo``, sized to finish on a 2-core CPU machine: HumanEval on the
@@ -33,8 +34,7 @@ def _add_common(parser: argparse.ArgumentParser, *, demo: bool) -> None:
     parser.add_argument("--score-stride", type=int, default=None, help="score every n-th train/test prompt (quick look; default 1 = all)")
     parser.add_argument("--locate-split", default=None, help="CodeGenBias split(s) to locate on (default: train+dev)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--device", default=None)
+    add_model_arguments(parser, model=False)
 
 
 def register(subparsers) -> None:
@@ -73,8 +73,8 @@ def _run(args: argparse.Namespace) -> int:
     if not settings.allow_code_execution:
         print("[mg-edit] HumanEval pass@k skipped: model-written code runs only with --allow-code-execution "
               "(or MG_EDIT_ALLOW_CODE_EVAL=1); execution-free locality is still reported.")
-    paths = run_pipeline(args.model, args.out, settings, dtype=args.dtype, device=args.device)
-    print(paths["markdown"].read_text())
+    paths = run_pipeline(args.model, args.out, settings, **load_kwargs(args))
+    _print_report(paths)
     return 0
 
 
@@ -84,6 +84,13 @@ def _demo(args: argparse.Namespace) -> int:
     print("[mg-edit] demo: the demo model's HumanEval completions are executed in the sandbox "
           "(child process, time/memory limits, no network, temp dir): the demo opts in to code execution itself.")
     settings = _settings(args, True, DEMO_SETTINGS, DEMO_EDIT)
-    paths = run_pipeline("demo", args.out, settings, dtype=args.dtype, device=args.device)
-    print(paths["markdown"].read_text())
+    paths = run_pipeline("demo", args.out, settings, **load_kwargs(args))
+    _print_report(paths)
     return 0
+
+
+def _print_report(paths: dict) -> None:
+    from mg_editing.distributed import is_main_process
+
+    if is_main_process():
+        print(paths["markdown"].read_text())

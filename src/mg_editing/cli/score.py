@@ -6,14 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
+from mg_editing.cli._model_args import add_model_arguments, load_kwargs
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("score", help="FB-Score of a model on CodeGenBias (Table III layout)")
-    parser.add_argument("--model", required=True, help="Hub id, local path, or 'demo'")
+    add_model_arguments(parser)
     parser.add_argument("--split", default="test", help="train, dev, test, all, or joins like train+dev (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the checkpoint's)")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N prompts (quick look)")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: fb_score_<split>.json)")
     parser.set_defaults(func=_run)
@@ -25,8 +25,12 @@ def _run(args: argparse.Namespace) -> int:
     from mg_editing.scoring import score_dataset
 
     dataset = load_codegenbias(args.split, limit=args.limit)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    from mg_editing.distributed import is_main_process
+
+    model, tokenizer = load_model_and_tokenizer(args.model, **load_kwargs(args))
     result = score_dataset(model, tokenizer, dataset, batch_size=args.batch_size, progress=True)
+    if not is_main_process():  # data parallel: every process holds the result; process 0 reports it
+        return 0
     print(result.table(args.model))
     print(f"normalized variant: {result.metrics['fb_score_normalized']:.4f}   prompts: {result.metrics['n']}")
     out = Path(args.out or f"fb_score_{args.split.replace('+', '_')}.json")
