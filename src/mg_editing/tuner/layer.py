@@ -54,6 +54,18 @@ def quantization_problem(module: nn.Module) -> Optional[str]:
     return None
 
 
+def compute_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its weight's device, or, for a weight that accelerate offloaded
+    (to the CPU or disk, left on ``meta``), the execution device of its ``AlignDevicesHook``,
+    where the weight is brought for each forward. The adapter's deltas live there."""
+    device = module.weight.device
+    if device.type == "meta":
+        execution = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if execution is not None:
+            return torch.device(execution) if not isinstance(execution, int) else torch.device("cuda", execution)
+    return device
+
+
 def validate_indices(kind: str, indices: torch.Tensor, count: int, shape: tuple[int, int]) -> Optional[str]:
     """Check row (``k``) or neuron (``2 x n``) indices against an ``out x in`` weight; return the problem."""
     out_features, in_features = shape
@@ -141,13 +153,14 @@ class MGEditLayer(BaseTunerLayer):
         if adapter_name in self.mg_edit_delta:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
         weight = self.get_base_layer().weight
+        device = compute_device(self.get_base_layer())
         if kind != "dense":
             if indices is None:
                 shape = (count,) if kind == "row" else (2, count)
-                indices = torch.zeros(shape, dtype=torch.long, device=weight.device)
+                indices = torch.zeros(shape, dtype=torch.long, device=device)
                 self._mg_edit_pending.add(adapter_name)
             else:
-                indices = torch.as_tensor(indices).to(device=weight.device)
+                indices = torch.as_tensor(indices).to(device=device)
                 problem = validate_indices(kind, indices, count, self.weight_shape)
                 if problem:
                     raise ValueError(f"adapter {adapter_name!r}: {problem}")
@@ -155,13 +168,13 @@ class MGEditLayer(BaseTunerLayer):
             self.mg_edit_index[adapter_name] = indices.contiguous()
         shape = self.delta_shape(kind, count)
         if init_weights:
-            delta = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+            delta = torch.zeros(shape, dtype=weight.dtype, device=device)
         else:
-            delta = torch.randn(shape, dtype=torch.float32, device="cpu" if weight.device.type == "meta" else weight.device)
-            delta = (0.02 * delta).to(device=weight.device, dtype=weight.dtype)
+            delta = torch.randn(shape, dtype=torch.float32, device="cpu" if device.type == "meta" else device)
+            delta = (0.02 * delta).to(device=device, dtype=weight.dtype)
         self.mg_edit_delta[adapter_name] = nn.Parameter(delta)
         self.mg_edit_kind[adapter_name] = kind
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name, device=device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def reset_mg_edit_parameters(self, adapter_name: str) -> None:
@@ -246,6 +259,11 @@ class MGEditLinear(nn.Module, MGEditLayer):
         if not adapter_names:
             return
         base = self.get_base_layer()
+        if base.weight.device.type == "meta":
+            raise ValueError(
+                "cannot merge into a layer whose weight is offloaded (device_map with 'disk' or CPU offload): "
+                "load the base model without offloading to merge, or keep the adapter unmerged"
+            )
         for adapter in adapter_names:
             if adapter not in self.mg_edit_delta:
                 continue

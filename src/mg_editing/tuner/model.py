@@ -245,6 +245,13 @@ class MGEditModel(BaseTuner):
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # PEFT's default also moves the new module's tensors to the old weight's device, which is
+        # ``meta`` for a weight accelerate offloaded (the indices would be lost). Ours were made
+        # where the layer computes (``compute_device``) by ``update_layer``; quantized layers,
+        # the other case the default handles, are refused.
+        setattr(parent, child_name, new_module)
+
     # -- loading ---------------------------------------------------------------------------
     @classmethod
     def _remap_adapter_state_dict_for_load(
