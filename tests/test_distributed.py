@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -97,3 +98,22 @@ def test_blocks_are_contiguous_and_cover_everything(monkeypatch, n, size, expect
         monkeypatch.setattr(distributed, "process_index", lambda rank=rank: rank)
         blocks.append(distributed.shard_bounds(n))
     assert blocks == expected
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_writes_one_report_equal_to_a_single_process(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model", "codegen")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    score = ["score", "--model", str(model_dir), "--split", "dev", "--limit", "13"]
+    one = subprocess.run([sys.executable, "-m", "mg_editing", *score, "--out", str(tmp_path / "one.json")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "mg_editing", *score, "--out", str(tmp_path / "two.json")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("| Model |") == 1  # process 0 alone reports
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert len(b["per_prompt_fb"]) == 13
+    assert max(abs(x - y) for x, y in zip(a["per_prompt_fb"], b["per_prompt_fb"])) < 1e-6
+    assert abs(a["fb_score"] - b["fb_score"]) < 1e-6
