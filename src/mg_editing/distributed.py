@@ -34,6 +34,7 @@ __all__ = [
     "local_part",
     "process_device",
     "process_index",
+    "process_state",
     "reduce_sum",
     "shard_bounds",
     "wait_for_everyone",
@@ -51,8 +52,10 @@ def is_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _state():
-    """accelerate's process state; initialises the process group on first use."""
+def process_state():
+    """accelerate's ``PartialState``, set up the way this package needs it: on a machine without
+    GPUs a multi-process launch becomes a gloo group (accelerate asks for ``cpu=True`` there).
+    Initialises the process group on first use; call it before making an ``Accelerator``."""
     from accelerate import PartialState
 
     # Without an accelerator accelerate sets up a multi-process group only when asked for CPU.
@@ -62,11 +65,11 @@ def _state():
 
 
 def world_size() -> int:
-    return _state().num_processes if is_distributed() else 1
+    return process_state().num_processes if is_distributed() else 1
 
 
 def process_index() -> int:
-    return _state().process_index if is_distributed() else 0
+    return process_state().process_index if is_distributed() else 0
 
 
 def is_main_process() -> bool:
@@ -77,12 +80,12 @@ def is_main_process() -> bool:
 def process_device() -> torch.device:
     """The device of this process's replica in a data-parallel launch (``cuda:<local rank>`` on
     GPUs, ``cpu`` otherwise)."""
-    return _state().device
+    return process_state().device
 
 
 def wait_for_everyone() -> None:
     if is_distributed():
-        _state().wait_for_everyone()
+        process_state().wait_for_everyone()
 
 
 def shard_bounds(n: int) -> tuple[int, int]:
@@ -116,7 +119,7 @@ def gather_list(local: list[T]) -> list[T]:
 
 def _all_gather_objects(obj) -> list:
     """``torch.distributed.all_gather_object`` over accelerate's process group."""
-    out = [None] * _state().num_processes
+    out = [None] * process_state().num_processes
     torch.distributed.all_gather_object(out, obj)
     return out
 
@@ -137,6 +140,6 @@ def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return tensor
     # NCCL reduces only device tensors; gloo CPU ones. accelerate's state knows which.
-    total = tensor.detach().to(_state().device, copy=True)
+    total = tensor.detach().to(process_state().device, copy=True)
     torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
     return total.cpu()

@@ -225,11 +225,10 @@ def _accelerator(config: EditConfig) -> Iterator:
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
 
-    from mg_editing.distributed import world_size
+    from mg_editing.distributed import is_distributed, process_state
 
-    # Sets up accelerate's process state the way the rest of the package does (on a machine
-    # without GPUs, a multi-process launch only becomes a gloo group when asked for the CPU).
-    world_size()
+    if is_distributed():
+        process_state()  # the package's process group (gloo on a machine without GPUs)
     saved_state = dict(AcceleratorState._shared_state)
     saved_gradient_state = dict(GradientState._shared_state)
     if saved_state and saved_state.get("_mixed_precision") != config.mixed_precision:
