@@ -1,4 +1,5 @@
-"""Model-loading options shared by the commands that load a model (score, locate, run)."""
+"""Options shared by the commands: model loading (score, locate, edit, run) and the edit loop's
+scale-out settings (edit, run)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,33 @@ def load_kwargs(args: argparse.Namespace) -> dict:
         if args.offload_folder is not None:
             kwargs["offload_folder"] = args.offload_folder
     return kwargs
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The edit loop's precision/memory options (:class:`mg_editing.edit.EditConfig` fields)."""
+    from mg_editing.edit import MIXED_PRECISIONS
+
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default="no",
+                        help="autocast the training forwards (accelerate); the deltas keep the model's dtype. "
+                             "fp16 needs a GPU and an fp32 model; use bf16 on CPU (default: no)")
+    parser.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1, metavar="N",
+                        help="micro-batches per optimizer update: each step sees N x the batch size (default 1)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute layer activations in the backward pass: less memory, slower steps; "
+                             "for full/layer/module edits of large models")
+
+
+def training_options(args: argparse.Namespace) -> dict:
+    """The :class:`mg_editing.edit.EditConfig` fields set by :func:`add_training_arguments`."""
+    return dict(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                gradient_checkpointing=args.gradient_checkpointing)

@@ -22,19 +22,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from mg_editing.cli._model_args import add_model_arguments, load_kwargs
-from mg_editing.edit import MIXED_PRECISIONS
+from mg_editing.cli._model_args import add_model_arguments, add_training_arguments, load_kwargs, training_options
 from mg_editing.locations import GRANULARITIES
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -48,14 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="prompts per micro-batch, over all processes together (default 16)")
     parser.add_argument("--recovery-weight", type=float, default=None)
-    parser.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default="no",
-                        help="autocast the training forwards (accelerate); the deltas keep the model's dtype. "
-                             "fp16 needs a GPU and an fp32 model; use bf16 on CPU (default: no)")
-    parser.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1, metavar="N",
-                        help="micro-batches per optimizer update: each step sees N x --batch-size prompts (default 1)")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute layer activations in the backward pass: less memory, slower steps; "
-                             "for full/layer/module edits of large models")
+    add_training_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="adapter folder")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the adapter to this Hub repo")
@@ -76,9 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     from mg_editing.tuner import MGEditConfig
 
     overrides = {k: v for k, v in dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, recovery_weight=args.recovery_weight).items() if v is not None}
-    config = EditConfig(objective=args.objective, seed=args.seed, mixed_precision=args.mixed_precision,
-                        gradient_accumulation_steps=args.gradient_accumulation_steps,
-                        gradient_checkpointing=args.gradient_checkpointing, **overrides)
+    config = EditConfig(objective=args.objective, seed=args.seed, **training_options(args), **overrides)
     model, tokenizer = load_model_and_tokenizer(args.model, **load_kwargs(args))
     if args.locations:
         locations = Locations.load(args.locations).coarsen(args.granularity)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mg_editing.cli._model_args import add_model_arguments, load_kwargs
+from mg_editing.cli._model_args import add_model_arguments, add_training_arguments, load_kwargs, training_options
 from mg_editing.locations import GRANULARITIES
 
 #: Settings of ``mg-edit demo``, sized to finish on a 2-core CPU machine: HumanEval on the
@@ -35,6 +35,7 @@ def _add_common(parser: argparse.ArgumentParser, *, demo: bool) -> None:
     parser.add_argument("--locate-split", default=None, help="CodeGenBias split(s) to locate on (default: train+dev)")
     parser.add_argument("--seed", type=int, default=0)
     add_model_arguments(parser, model=False)
+    add_training_arguments(parser)
 
 
 def register(subparsers) -> None:
@@ -57,7 +58,7 @@ def _settings(args: argparse.Namespace, allow: bool, defaults: dict, edit_defaul
 
     edit_overrides = dict(edit_defaults or {})
     edit_overrides.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
-    edit_config = EditConfig(objective=args.objective, seed=args.seed, **edit_overrides)
+    edit_config = EditConfig(objective=args.objective, seed=args.seed, **training_options(args), **edit_overrides)
     values = dict(defaults)
     for key in ("n_samples", "max_new_tokens", "humaneval_limit", "score_stride", "locate_split"):
         if getattr(args, key) is not None:
