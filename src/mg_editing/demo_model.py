@@ -35,7 +35,9 @@ Example:
     >>> from mg_editing.demo_model import demo_model_path, is_demo
     >>> is_demo("demo"), is_demo("Salesforce/codegen-350M-mono")
     (True, False)
-    >>> path = demo_model_path()            # doctest: +SKIP  (builds once, ~3 min on 2 cores)
+    >>> path = demo_model_path()  # doctest: +SKIP
+
+    (``demo_model_path()`` builds the model once, about 3.5 min on 2 CPU cores.)
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ __all__ = [
 
 #: Bump whenever anything that changes the built model changes (corpus, tokenizer, config,
 #: training loop): the cache is keyed by it, so an old cached model is never reused.
-RECIPE_VERSION = "v2"
+RECIPE_VERSION = "v3"
 
 DEFAULT_SEED = 0
 
@@ -127,6 +129,10 @@ class DemoRecipe:
     n_head: int = 4
     rotary_dim: int = 16
     n_positions: int = 512
+    #: The tanh approximation of GELU that CodeGen uses (``gelu_new``), computed by PyTorch's
+    #: fused kernel: same function, and training steps measured ~20% faster than with the
+    #: composite ``gelu_new`` on 2 CPU cores.
+    activation_function: str = "gelu_pytorch_tanh"
     # training: each step takes this many rows of ``seq_len`` tokens from each pool
     seq_len: int = 256
     template_rows_per_step: int = 16
@@ -419,7 +425,7 @@ def _config(tokenizer, recipe: DemoRecipe):
         n_head=recipe.n_head,
         rotary_dim=recipe.rotary_dim,
         n_inner=4 * recipe.n_embd,
-        activation_function="gelu_new",
+        activation_function=recipe.activation_function,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
