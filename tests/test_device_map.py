@@ -84,3 +84,26 @@ def test_device_and_device_map_are_exclusive(model_dir):
         load_model_and_tokenizer(model_dir, device="cpu", device_map="auto")
     with pytest.raises(ValueError, match="device_map"):
         load_model_and_tokenizer(model_dir, max_memory={"cpu": "1GB"})
+
+
+@pytest.mark.slow
+def test_pipeline_on_a_split_model_reports_what_the_whole_model_reports(model_dir, tmp_path):
+    """`mg-edit run --device-map ...`: the split model is edited in place (not copied) and the
+    adapter is taken out again between granularities; the report equals the whole model's."""
+    import json
+
+    from test_pipeline import SMALL
+
+    from mg_editing.pipeline import RunSettings, run_pipeline
+
+    settings = RunSettings(granularities=("row", "module"), **SMALL)
+    run_pipeline(model_dir, tmp_path / "whole", settings, progress=False)
+    run_pipeline(model_dir, tmp_path / "split", settings, progress=False, device_map=SPLIT, offload_folder=tmp_path / "off")
+    whole, split = (json.loads((tmp_path / run / "report.json").read_text())["entries"] for run in ("whole", "split"))
+    assert [e["name"] for e in split] == ["original model", "row granularity", "module granularity"]
+    for a, b in zip(whole, split):
+        for key in ("reliability_fb", "generality_fb"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["name"], key)
+        assert b["locality"]["canonical_nll"] == pytest.approx(a["locality"]["canonical_nll"], abs=1e-4)
+        assert b["locality"]["next_token_kl"] == pytest.approx(a["locality"]["next_token_kl"], abs=1e-5)
+    assert split[1]["reliability_fb"] != split[0]["reliability_fb"]  # the edit did something

@@ -178,40 +178,49 @@ def _edit_stage(base_model, tokenizer, locations: Locations, granularity: str, s
         _log(f"{granularity}: reusing {folder}")
         return done
     _log(f"{granularity}: editing ({settings.edit.objective} objective)")
-    model = copy.deepcopy(base_model)  # the base stays untouched for the next granularity
+    # The base stays untouched for the next granularity: a copy is edited, except for a model
+    # that accelerate dispatched over devices (device_map), which a copy could not fit beside;
+    # that one gets the adapter in place, and it is taken out again afterwards (an edit writes
+    # no base weight, so the base is as it was).
+    in_place = getattr(base_model, "hf_device_map", None) is not None
+    model = base_model if in_place else copy.deepcopy(base_model)
     locs = locations.coarsen(granularity)
     peft_model = get_peft_model(model, MGEditConfig(granularity=granularity, locations=locs))
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    tmp = out / "adapters" / f"{granularity}.tmp"
-    if is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    wait_for_everyone()
-    result = edit(
-        peft_model, tokenizer, load_codegenbias("train"), dev_dataset=load_codegenbias("dev"),
-        config=settings.edit, history_path=tmp / "edit_history.json", progress=progress,
-    )
-    entry = evaluate_model(peft_model, tokenizer, settings, name=f"{granularity} granularity", adapter=True, progress=progress)
-    entry.update(granularity=granularity, objective=settings.edit.objective, trainable_params=trainable,
-                 best_step=result.best_step, best_dev_fb=result.best_dev_fb)
-    summary = {**locs.summary(), "trainable parameters": trainable}
-    keys = ("reliability_fb", "generality_fb")
-    metrics = {
-        "before": {**{k: base_entry[k] for k in keys}, **base_entry["locality"]},
-        "after": {**{k: entry[k] for k in keys}, **entry["locality"]},
-    }
-    card = adapter_model_card(
-        base_model=str(base_model.name_or_path), granularity=granularity, locations_summary=summary,
-        metrics=metrics, objective=settings.edit.objective,
-    )
-    if is_main_process():
-        save_adapter(peft_model, tmp, card=card, extra={"granularity": granularity, "objective": settings.edit.objective})
-        atomic_write_json(tmp / "evaluation.json", entry)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.replace(folder)
-        _log(f"{granularity}: train FB {entry['reliability_fb']:.4f}, test FB {entry['generality_fb']:.4f}")
-    wait_for_everyone()
-    return entry
+    try:
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        tmp = out / "adapters" / f"{granularity}.tmp"
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        wait_for_everyone()
+        result = edit(
+            peft_model, tokenizer, load_codegenbias("train"), dev_dataset=load_codegenbias("dev"),
+            config=settings.edit, history_path=tmp / "edit_history.json", progress=progress,
+        )
+        entry = evaluate_model(peft_model, tokenizer, settings, name=f"{granularity} granularity", adapter=True, progress=progress)
+        entry.update(granularity=granularity, objective=settings.edit.objective, trainable_params=trainable,
+                     best_step=result.best_step, best_dev_fb=result.best_dev_fb)
+        summary = {**locs.summary(), "trainable parameters": trainable}
+        keys = ("reliability_fb", "generality_fb")
+        metrics = {
+            "before": {**{k: base_entry[k] for k in keys}, **base_entry["locality"]},
+            "after": {**{k: entry[k] for k in keys}, **entry["locality"]},
+        }
+        card = adapter_model_card(
+            base_model=str(base_model.name_or_path), granularity=granularity, locations_summary=summary,
+            metrics=metrics, objective=settings.edit.objective,
+        )
+        if is_main_process():
+            save_adapter(peft_model, tmp, card=card, extra={"granularity": granularity, "objective": settings.edit.objective})
+            atomic_write_json(tmp / "evaluation.json", entry)
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.replace(folder)
+            _log(f"{granularity}: train FB {entry['reliability_fb']:.4f}, test FB {entry['generality_fb']:.4f}")
+        wait_for_everyone()
+        return entry
+    finally:
+        if in_place:
+            peft_model.unload()
 
 
 def run_pipeline(
