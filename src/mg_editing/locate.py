@@ -192,6 +192,11 @@ def _gather(parts: list[torch.Tensor], row_shape: tuple[int, ...], dtype: torch.
     return gather_tensor(local)
 
 
+def _gather_rows(rows: list[torch.Tensor], row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_gather` for a list of one-prompt results, each of shape ``row_shape``."""
+    return _gather([torch.stack(rows)] if rows else [], row_shape, dtype)
+
+
 # -- running the blocks ----------------------------------------------------------------------
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -426,7 +431,7 @@ def module_gradients(
             for p in range(batch.n_prompts):
                 rows = [int(r) for r in batch.seq_row[p]]
                 out.append(torch.stack([gout[k, r].T @ x[r].to(gout.device) for k, r in enumerate(rows)]).cpu())
-    return _gather([torch.stack(out)] if out else [], (len(targets[0]), out_features(module), in_features(module)), torch.float32)
+    return _gather_rows(out, (len(targets[0]), out_features(module), in_features(module)), torch.float32)
 
 
 # -- aggregation -----------------------------------------------------------------------------
@@ -555,8 +560,8 @@ def locate_rows(
                 g_she = gout[1, r_she].T @ x[r_she].to(gout.device)
                 cosines.append(torch.nn.functional.cosine_similarity(g_he, g_she, dim=1).cpu())
                 magnitudes.append((g_he.norm(dim=1) * g_she.norm(dim=1)).cpu())
-    cos = _gather([torch.stack(cosines)] if cosines else [], (n_out,), torch.float32)  # (N, out)
-    magnitude = _gather([torch.stack(magnitudes)] if magnitudes else [], (n_out,), torch.float32)
+    cos = _gather_rows(cosines, (n_out,), torch.float32)  # (N, out)
+    magnitude = _gather_rows(magnitudes, (n_out,), torch.float32)
     topk = _top_rows(cos, magnitude, row_ranking, top_k)
     rows, counts = aggregate_topk(topk, n_out, aggregate, min_frequency)
     if rows.numel() == 0:
@@ -635,7 +640,7 @@ def locate_neurons(
                 diffs_sum += diff.double().cpu()
                 topks.append(diff.reshape(-1).topk(top_k).indices.cpu())
     diffs_sum = reduce_sum(diffs_sum)
-    topk = _gather([torch.stack(topks)] if topks else [], (top_k,), torch.long)  # flat indices into (len(rows), in)
+    topk = _gather_rows(topks, (top_k,), torch.long)  # flat indices into (len(rows), in)
     flat, counts = aggregate_topk(topk, rows.numel() * n_in, aggregate, min_frequency)
     if flat.numel() == 0:
         raise _empty_selection("neuron", aggregate)
