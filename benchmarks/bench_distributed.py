@@ -35,7 +35,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from _common import codegen_stand_in, tokenizer
     from mg_editing.data import load_codegenbias
-    from mg_editing.distributed import is_main_process, wait_for_everyone, world_size
+    from mg_editing.distributed import is_main_process, shutdown, wait_for_everyone, world_size
     from mg_editing.scoring import pronoun_probabilities
 
     torch.set_num_threads(args.threads)
@@ -53,9 +53,7 @@ def worker(args: argparse.Namespace) -> None:
     if is_main_process():
         torch.save(probs, args.out + ".pt")
         Path(args.out).write_text(json.dumps({"seconds": seconds, "world_size": world_size(), "n": len(prompts)}))
-    wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown()
 
 
 def launch(args: argparse.Namespace, nproc: int, threads: int, out: str) -> dict:

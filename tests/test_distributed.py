@@ -84,6 +84,20 @@ def test_single_process_is_a_no_op(monkeypatch):
     assert distributed.gather_list([1, 2]) == [1, 2]
     t = torch.arange(3.0)
     assert distributed.gather_tensor(t) is t and distributed.reduce_sum(t) is t
+    distributed.shutdown()  # nothing initialised: nothing to do, no error
+
+
+def test_shutdown_destroys_the_process_group(tmp_path):
+    # A real gloo group (one rank, file rendezvous): shutdown leaves none behind, so the
+    # interpreter never exits with gloo threads alive.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert torch.distributed.is_initialized()
+        distributed.shutdown()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("n, size, expected", [

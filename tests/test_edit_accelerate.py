@@ -220,6 +220,7 @@ def _worker(out: Path) -> None:
                     "logits_dtype": str(logits.dtype), "wrapped": "_original_forward" in peft_model.__dict__},
                    out / f"{name}_rank{rank}.pt")
         distributed.wait_for_everyone()
+    distributed.shutdown()
 
 
 @pytest.mark.slow

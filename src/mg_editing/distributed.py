@@ -37,6 +37,7 @@ __all__ = [
     "process_state",
     "reduce_sum",
     "shard_bounds",
+    "shutdown",
     "wait_for_everyone",
     "world_size",
 ]
@@ -86,6 +87,19 @@ def process_device() -> torch.device:
 def wait_for_everyone() -> None:
     if is_distributed():
         process_state().wait_for_everyone()
+
+
+def shutdown() -> None:
+    """End a multi-process run cleanly: wait for every process, then destroy the process group.
+
+    Call it once at the end of a launched script. Without it, a gloo group's threads can still
+    be running when the interpreter exits, and a process may abort ("terminate called without
+    an active exception") after all its work is done, failing the launch. A no-op in a single
+    process or when no group was initialised.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def shard_bounds(n: int) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from mg_editing.data import load_codegenbias
-from mg_editing.distributed import gather_list, is_main_process, shard_bounds, wait_for_everyone, world_size
+from mg_editing.distributed import gather_list, is_main_process, shard_bounds, shutdown, world_size
 from mg_editing.locality import canonical_nll, generate_completions, humaneval_problems, score_completions
 from mg_editing.locate import locate
 from mg_editing.models import load_model_and_tokenizer
@@ -48,6 +48,4 @@ if is_main_process():
         "pass@1": executed["pass@1"],
         "nll": nll,
     }, out)
-wait_for_everyone()
-if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()  # a clean exit for both ranks
+shutdown()  # a clean exit for both ranks

@@ -42,13 +42,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
     except (UserError, ValueError, OSError, KeyError) as err:
         # What the library and transformers raise for bad input (unknown split, missing file
         # or model id, unknown module, not a causal LM): one line, no traceback.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mg-edit {args.command}: error: {message}", file=sys.stderr)
         return 2
+    # Under torchrun/accelerate launch: a clean teardown of the process group, or a rank can
+    # abort at interpreter exit after finishing its work (only after success: on an error the
+    # other ranks may never reach the barrier).
+    from mg_editing.distributed import shutdown
+
+    shutdown()
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover
