@@ -97,8 +97,8 @@ def shutdown() -> None:
     an active exception") after all its work is done, failing the launch. A no-op in a single
     process or when no group was initialised.
     """
+    wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
